@@ -1,0 +1,169 @@
+"""The `esep-jax` command line: a thin layer over the importable modules.
+
+Bad input raises `InputError`, printed here as one line with exit status 2. Heavy imports (jax, tensorstore)
+happen inside the subcommands so `esep-jax --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from esep_jax.errors import EXIT_BAD_INPUT, InputError
+
+
+def _add_ingest(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ingest", help="build a dataset from .npy embeddings + ids + qrels, or from BEIR text + an encoder",
+        description="Build an esep-jax dataset (tensorstore zarr3 arrays + dataset.json). Either give "
+                    "precomputed embeddings (--corpus/--corpus-ids/--queries/--query-ids) or a BEIR directory "
+                    "to encode (--beir, needs the 'encoder' extra).")
+    parser.add_argument("--out", required=True, help="output dataset directory (written atomically)")
+    parser.add_argument("--corpus", help="corpus embeddings .npy [N, d]")
+    parser.add_argument("--corpus-ids", help="corpus ids, one per line, in row order")
+    parser.add_argument("--queries", help="query embeddings .npy [Q, d]")
+    parser.add_argument("--query-ids", help="query ids, one per line, in row order")
+    parser.add_argument("--qrels", action="append", default=[], metavar="SPLIT=PATH",
+                        help="BEIR qrels TSV (query-id, corpus-id, score) or TREC qrels; repeat per split")
+    parser.add_argument("--beir", help="BEIR directory with corpus.jsonl, queries.jsonl, qrels/*.tsv to encode")
+    parser.add_argument("--encoder", default=None,
+                        help="sentence-transformers model name or local path (default all-MiniLM-L6-v2 with "
+                             "--beir); recorded in the manifest")
+    parser.add_argument("--query-prompt", default="", help="text prepended to queries before encoding")
+    parser.add_argument("--document-prompt", default="", help="text prepended to documents before encoding")
+    parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size (--beir)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="storage dtype (default: float16 inputs stay float16, others float32)")
+    parser.add_argument("--name", default=None, help="dataset name for the manifest (default: --out's name)")
+    parser.add_argument("--allow-different-dims", action="store_true",
+                        help="allow query and corpus dims to differ (queries from another encoder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(handler=_run_ingest)
+
+
+def _run_ingest(args) -> int:
+    from esep_jax.data import ingest
+
+    options = dict(storage_dtype=args.dtype, overwrite=args.overwrite, name=args.name,
+                   allow_different_dims=args.allow_different_dims)
+    if args.beir:
+        from esep_jax.data.text_encoder import DEFAULT_ENCODER
+        manifest = ingest.ingest_beir_text(args.beir, args.out, args.encoder or DEFAULT_ENCODER,
+                                           query_prompt=args.query_prompt, document_prompt=args.document_prompt,
+                                           batch_size=args.batch_size, qrels=args.qrels, **options)
+    else:
+        missing = [flag for flag, value in (("--corpus", args.corpus), ("--corpus-ids", args.corpus_ids),
+                                            ("--queries", args.queries), ("--query-ids", args.query_ids))
+                   if not value]
+        if missing:
+            raise InputError(f"missing {', '.join(missing)} (or use --beir DIR)")
+        manifest = ingest.ingest_arrays(args.corpus, args.corpus_ids, args.queries, args.query_ids, args.qrels,
+                                        args.out, encoder=args.encoder, query_prompt=args.query_prompt,
+                                        document_prompt=args.document_prompt, **options)
+    splits = ", ".join(f"{name} {info['queries']} queries" for name, info in manifest["splits"].items())
+    print(f"wrote {args.out}: {manifest['corpus']['count']} documents x {manifest['corpus']['dim']}, "
+          f"{manifest['queries']['count']} queries x {manifest['queries']['dim']}; {splits}")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a searching module (resumes if --workdir holds a run)",
+        description="Train a head on a dataset. Config: --config FILE.py (get_config() -> Config; default: "
+                    "the built-in defaults) then --config.SECTION.FIELD=VALUE overrides, e.g. "
+                    "--config.optim.learning_rate=3e-4. Rerunning with the same --workdir resumes.")
+    parser.add_argument("--data", required=True, help="dataset directory (from `esep-jax ingest`)")
+    parser.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics.jsonl")
+    parser.add_argument("--config", default=None, help="Python config file (see configs/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args) -> int:
+    from esep_jax.config import load_config
+    from esep_jax.eval.report import HEADLINE
+    from esep_jax.train.loop import train_and_evaluate
+
+    config = load_config(args.config, args.config_overrides)
+    summary = train_and_evaluate(config, args.data, args.workdir, progress=not args.no_progress)
+    print(f"dev split: {summary['dev_split']}; steps {summary['steps']}, best step {summary['best_step']}"
+          + (" (stopped early)" if summary["stopped_early"] else "")
+          + (" (interrupted: rerun the same command to resume)" if summary["preempted"] else ""))
+    print(f"{'metric':<12}{'base':>9}{'best':>9}")
+    for name in HEADLINE:
+        print(f"{name:<12}{summary['base_dev'][name]:>9.4f}{summary['best_dev'][name]:>9.4f}")
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="exact retrieval metrics (trec_eval conventions), base and trained head side by side")
+    parser.add_argument("--data", required=True, help="dataset directory")
+    parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
+    parser.add_argument("--workdir", default=None, help="a training run; evaluates its best head")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write all metrics as JSON")
+    parser.add_argument("--run", dest="run_file", default=None, metavar="PATH", help="write the TREC run file")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from esep_jax.eval.report import evaluate_split, format_table, write_json
+
+    result = evaluate_split(args.data, args.split, workdir=args.workdir, run_path=args.run_file)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esep-jax",
+        description="Train searching modules <f(enc(q)), enc(d)> over frozen, precomputed embeddings.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_ingest, _add_train, _add_eval):
+        add(subparsers)
+    return parser
+
+
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise InputError(f"{arg} needs a value")
+                body, i = f"{body}={argv[i + 1]}", i + 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_config_overrides(argv)
+        args = build_parser().parse_args(rest)
+        if overrides and args.command != "train":
+            raise InputError(f"--config.* overrides apply to `train`, not `{args.command}`")
+        args.config_overrides = overrides
+        return args.handler(args)
+    except InputError as error:
+        print(f"esep-jax: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except FloatingPointError as error:
+        print(f"esep-jax: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("esep-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

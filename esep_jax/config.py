@@ -1,0 +1,221 @@
+"""The one typed configuration schema; every default lives here.
+
+A config file under `configs/` is a Python module with `get_config() -> Config` that starts from these
+defaults and changes a few fields. Command lines refine it with `--config.section.field=value`; an unknown
+field or a value of the wrong type is an error, never a silently new field. The resolved config is saved
+as `config.json` beside each run so evaluation, export and resume rebuild exactly the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import typing
+from pathlib import Path
+
+from esep_jax.atomic import atomic_write_text
+from esep_jax.errors import InputError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The searching module `f` applied to query embeddings."""
+
+    head: str = "linear"  # linear | lowrank | mlp
+    rank: int = 32  # lowrank: rank of U Vᵀ
+    hidden_dim: int = 512  # mlp: width of the hidden layer
+    dropout: float = 0.0  # mlp: dropout on the hidden layer during training
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """What the head is trained to do."""
+
+    kind: str = "full_corpus"  # full_corpus | in_batch
+    temperature: float = 0.05
+    # Pulls f(q) towards q: the head departs from the base retrieval only where the data asks for it.
+    recovery_weight: float = 1.0
+    # Per query, at most this many positives enter the target distribution (sampled by step if more).
+    max_positives: int = 64
+    grade_weighting: str = "linear"  # linear: weight ∝ grade | uniform: every positive alike
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4  # decays the residual, i.e. towards the identity head
+    grad_clip_norm: float = 1.0
+    end_learning_rate_fraction: float = 0.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The loop: how long, how often to evaluate and save, when to stop."""
+
+    seed: int = 0
+    batch_size: int = 256
+    num_steps: int = 2000
+    train_split: str = "train"
+    # Early stopping and model selection use this split. If the dataset has no such split, this fraction of
+    # the training queries is held out instead (chosen by seed, so a resumed run holds out the same ones).
+    dev_split: str = "dev"
+    holdout_fraction: float = 0.1
+    eval_every: int = 100
+    patience: int = 5  # evaluations without dev improvement before stopping
+    select_metric: str = "ndcg@10"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    corpus_dtype: str = "float32"  # dtype of the device-resident corpus: float32 | bfloat16
+    prefetch: int = 2  # batches read ahead from tensorstore
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Exact retrieval for evaluation."""
+
+    top_k: int = 1000  # depth of the run; trec_eval conventions assume 1000
+    query_chunk: int = 1024
+    corpus_chunk: int = 65536
+    relevance_level: int = 1  # grades >= this count as relevant for binary measures
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run needs besides its data and workdir."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "model.head": ("linear", "lowrank", "mlp"),
+    "loss.kind": ("full_corpus", "in_batch"),
+    "loss.grade_weighting": ("linear", "uniform"),
+    "train.corpus_dtype": ("float32", "bfloat16"),
+}
+
+
+def validate(config: Config) -> Config:
+    """Checks choices and ranges that types alone do not capture."""
+    for dotted, allowed in CHOICES.items():
+        value = _get(config, dotted)
+        if value not in allowed:
+            raise InputError(f"must be one of {', '.join(allowed)}, got {value!r}", field=f"config.{dotted}")
+    positive = ["loss.temperature", "train.batch_size", "train.num_steps", "train.eval_every",
+                "train.checkpoint_every", "train.log_every", "eval.top_k", "loss.max_positives",
+                "optim.learning_rate", "train.keep_checkpoints", "eval.query_chunk", "eval.corpus_chunk"]
+    for dotted in positive:
+        if not _get(config, dotted) > 0:
+            raise InputError(f"must be > 0, got {_get(config, dotted)!r}", field=f"config.{dotted}")
+    if not 0.0 < config.train.holdout_fraction < 1.0:
+        raise InputError("must be in (0, 1)", field="config.train.holdout_fraction")
+    return config
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Loads `get_config()` from a Python file (or the defaults), then applies `field=value` overrides."""
+    config = Config() if path is None else _load_python_config(path)
+    for override in overrides:
+        if "=" not in override:
+            raise InputError(f"expected --config.FIELD=VALUE, got --config.{override}")
+        dotted, text = override.split("=", 1)
+        _set(config, dotted, text)
+    return validate(config)
+
+
+def _load_python_config(path: str) -> Config:
+    file = Path(path)
+    if not file.is_file():
+        raise InputError("config file not found", file=path)
+    spec = importlib.util.spec_from_file_location(f"esep_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise InputError("a config file must define get_config() -> esep_jax.config.Config", file=path)
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise InputError(f"get_config() returned {type(config).__name__}, expected Config", file=path)
+    return config
+
+
+def _get(config: Config, dotted: str):
+    value = config
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _set(config: Config, dotted: str, text: str) -> None:
+    *parents, leaf = dotted.split(".")
+    target = config
+    for name in parents:
+        if not dataclasses.is_dataclass(target) or name not in _field_types(target):
+            raise InputError(f"unknown config section {name!r}", field=f"config.{dotted}")
+        target = getattr(target, name)
+    fields = _field_types(target) if dataclasses.is_dataclass(target) else {}
+    if leaf not in fields or dataclasses.is_dataclass(getattr(target, leaf)):
+        known = ", ".join(sorted(fields)) or "none"
+        raise InputError(f"unknown config field (known here: {known})", field=f"config.{dotted}")
+    setattr(target, leaf, _parse_value(text, fields[leaf], f"config.{dotted}"))
+
+
+def _field_types(obj) -> dict[str, type]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _parse_value(text: str, kind: type, field: str):
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return str(text)
+    except ValueError:
+        raise InputError(f"cannot parse {text!r} as {kind.__name__}", field=field) from None
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain JSON-able data."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuilds a Config saved by `save_config`, rejecting unknown fields."""
+    sections = {}
+    for field in dataclasses.fields(Config):
+        section_type = typing.get_type_hints(Config)[field.name]
+        values = dict(data.get(field.name, {}))
+        unknown = set(values) - {f.name for f in dataclasses.fields(section_type)}
+        if unknown:
+            raise InputError(f"unknown fields {sorted(unknown)}", field=f"config.{field.name}")
+        sections[field.name] = section_type(**values)
+    return validate(Config(**sections))
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Writes the resolved config as JSON, atomically."""
+    atomic_write_text(path, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def read_config(path: Path) -> Config:
+    """Reads a config saved by `save_config`."""
+    try:
+        return from_dict(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read saved config: {error}", file=str(path)) from None

@@ -1,0 +1,245 @@
+"""Builds a dataset directory from `.npy` embeddings, id files and BEIR/TREC qrels — or from BEIR text.
+
+Every input is validated before anything is written, and the output appears atomically: a bad row gives a
+one-line `InputError` naming the file and line/row, and no output directory is left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from pathlib import Path
+
+import numpy as np
+
+from esep_jax.atomic import atomic_directory
+from esep_jax.data.dataset import FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, Qrels, write_array, write_qrels
+from esep_jax.errors import InputError
+
+ACCEPTED_DTYPES = ("float16", "float32", "float64")
+NORMALISED_TOLERANCE = 1e-2
+
+
+@dataclasses.dataclass
+class EmbeddingSource:
+    """One table to ingest: embeddings (array or .npy path) and their row ids."""
+
+    embeddings: np.ndarray
+    ids: list[str]
+    name: str  # file name or description, for messages
+
+
+def read_ids(path: str) -> list[str]:
+    """One id per line; blank lines, ids with whitespace inside, and duplicates are errors."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read ids: {error}", file=path) from None
+    seen: dict[str, int] = {}
+    for line_number, raw in enumerate(lines, start=1):
+        identifier = raw.strip()
+        if not identifier:
+            raise InputError("empty id", file=path, line=line_number)
+        if any(ch.isspace() for ch in identifier):
+            raise InputError(f"id {identifier!r} contains whitespace", file=path, line=line_number)
+        if identifier in seen:
+            raise InputError(f"duplicate id {identifier!r} (first on line {seen[identifier]})",
+                             file=path, line=line_number)
+        seen[identifier] = line_number
+    if not seen:
+        raise InputError("no ids", file=path)
+    return list(seen)
+
+
+def load_embeddings(path: str, ids: list[str], ids_path: str) -> np.ndarray:
+    """Memory-maps a `.npy` of shape [len(ids), d] and checks dtype, shape and finiteness."""
+    try:
+        values = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise InputError(f"not a readable .npy array: {error}", file=path) from None
+    check_embeddings(values, ids, path, ids_path)
+    return values
+
+
+def check_embeddings(values: np.ndarray, ids: list[str], name: str, ids_name: str) -> None:
+    """Raises an InputError naming the first problem: dtype, rank, row count or a non-finite row."""
+    if values.dtype.name not in ACCEPTED_DTYPES:
+        raise InputError(f"dtype {values.dtype} is not a float type ({', '.join(ACCEPTED_DTYPES)})",
+                         file=name, field="dtype")
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise InputError(f"expected a 2-D array [rows, dim], got shape {values.shape}", file=name, field="shape")
+    if values.shape[0] != len(ids):
+        raise InputError(f"{values.shape[0]} rows but {len(ids)} ids in {ids_name}", file=name, field="shape")
+    for start in range(0, values.shape[0], 65536):
+        finite = np.isfinite(np.asarray(values[start:start + 65536])).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise InputError(f"non-finite value (NaN or Inf) for id {ids[row]!r}", file=name, row=row)
+
+
+def is_normalised(values: np.ndarray) -> bool:
+    sample = np.asarray(values[: min(len(values), 10000)], dtype=np.float32)
+    return bool(np.all(np.abs(np.linalg.norm(sample, axis=1) - 1.0) < NORMALISED_TOLERANCE))
+
+
+def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]) -> Qrels:
+    """Parses BEIR (`query-id  corpus-id  score`, optional header) or TREC (`qid 0 docid rel`) qrels."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read qrels: {error}", file=path) from None
+    per_query: dict[int, dict[int, int]] = {}
+    first_seen: dict[tuple[int, int], int] = {}
+    for line_number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        columns = raw.split("\t") if "\t" in raw else raw.split()
+        if line_number == 1 and columns[-1].strip().lower() in ("score", "relevance", "rel", "label"):
+            continue  # BEIR header
+        if len(columns) == 4:
+            columns = [columns[0], columns[2], columns[3]]
+        if len(columns) != 3:
+            raise InputError(f"expected 3 columns (query-id, corpus-id, score) or 4 (TREC), got {len(columns)}",
+                             file=path, line=line_number)
+        query_id, doc_id, grade_text = (c.strip() for c in columns)
+        try:
+            grade = int(grade_text)
+        except ValueError:
+            raise InputError(f"score {grade_text!r} is not an integer", file=path, line=line_number,
+                             field="score") from None
+        if query_id not in query_index:
+            raise InputError(f"unknown query id {query_id!r}", file=path, line=line_number, field="query-id")
+        if doc_id not in doc_index:
+            raise InputError(f"unknown corpus id {doc_id!r}", file=path, line=line_number, field="corpus-id")
+        key = (query_index[query_id], doc_index[doc_id])
+        if key in first_seen:
+            raise InputError(f"duplicate judgement of ({query_id}, {doc_id}) (first on line {first_seen[key]})",
+                             file=path, line=line_number)
+        first_seen[key] = line_number
+        per_query.setdefault(key[0], {})[key[1]] = grade
+    if not any(grade > 0 for docs in per_query.values() for grade in docs.values()):
+        raise InputError("empty split: no judgement with score > 0", file=path)
+    query_rows = np.array(sorted(per_query), dtype=np.int32)
+    lengths = np.array([len(per_query[q]) for q in query_rows], dtype=np.int64)
+    return Qrels(
+        query_rows=query_rows,
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        doc_rows=np.array([d for q in query_rows for d in per_query[q]], dtype=np.int32),
+        grades=np.array([g for q in query_rows for g in per_query[q].values()], dtype=np.int32),
+    )
+
+
+def parse_qrels_args(specs: list[str]) -> dict[str, str]:
+    """`train=path` pairs → {split: path}."""
+    splits: dict[str, str] = {}
+    for spec in specs:
+        split, sep, path = spec.partition("=")
+        if not sep or not split or not path:
+            raise InputError(f"expected --qrels SPLIT=PATH, got {spec!r}")
+        if split in splits:
+            raise InputError(f"split {split!r} given twice", field="--qrels")
+        splits[split] = path
+    if not splits:
+        raise InputError("at least one --qrels SPLIT=PATH is needed")
+    return splits
+
+
+def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, qrels_files: dict[str, str], *,
+                  storage_dtype: str | None = None, encoder: str | None = None, query_prompt: str = "",
+                  document_prompt: str = "", allow_different_dims: bool = False, overwrite: bool = False,
+                  name: str | None = None) -> dict:
+    """Validates everything, then writes the dataset directory atomically. Returns the manifest."""
+    if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+        raise InputError(f"must be one of {', '.join(STORAGE_DTYPES)}", field="--dtype")
+    if queries.embeddings.shape[1] != corpus.embeddings.shape[1] and not allow_different_dims:
+        raise InputError(f"query dim {queries.embeddings.shape[1]} != corpus dim {corpus.embeddings.shape[1]} "
+                         f"(pass --allow-different-dims for queries from another encoder)",
+                         file=queries.name, field="shape")
+    query_index = {qid: i for i, qid in enumerate(queries.ids)}
+    doc_index = {did: i for i, did in enumerate(corpus.ids)}
+    splits = {split: read_qrels(path, query_index, doc_index) for split, path in qrels_files.items()}
+
+    def storage(values: np.ndarray) -> str:
+        return storage_dtype or ("float16" if values.dtype == np.float16 else "float32")
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name or Path(out).name,
+        "encoder": encoder,
+        "query_prompt": query_prompt,
+        "document_prompt": document_prompt,
+        "normalized": is_normalised(corpus.embeddings) and is_normalised(queries.embeddings),
+        "corpus": {"count": len(corpus.ids), "dim": int(corpus.embeddings.shape[1]),
+                   "dtype": storage(corpus.embeddings), "source": corpus.name},
+        "queries": {"count": len(queries.ids), "dim": int(queries.embeddings.shape[1]),
+                    "dtype": storage(queries.embeddings), "source": queries.name},
+        "splits": {
+            split: {"queries": q.num_queries, "judgements": int(q.grades.shape[0]),
+                    "relevant": int((q.grades > 0).sum()), "source": qrels_files[split]}
+            for split, q in splits.items()
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_array(tmp, "corpus/embeddings", corpus.embeddings, manifest["corpus"]["dtype"])
+        write_array(tmp, "queries/embeddings", queries.embeddings, manifest["queries"]["dtype"])
+        (tmp / "corpus_ids.txt").write_text("\n".join(corpus.ids) + "\n", encoding="utf-8")
+        (tmp / "query_ids.txt").write_text("\n".join(queries.ids) + "\n", encoding="utf-8")
+        for split, qrels in splits.items():
+            write_qrels(tmp, split, qrels)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def ingest_arrays(corpus: str, corpus_ids: str, queries: str, query_ids: str, qrels: list[str], out: str,
+                  **options) -> dict:
+    """`esep-jax ingest --corpus … --corpus-ids … --queries … --query-ids … --qrels split=tsv … --out DIR`."""
+    qrels_files = parse_qrels_args(qrels)
+    corpus_id_list = read_ids(corpus_ids)
+    query_id_list = read_ids(query_ids)
+    return write_dataset(
+        out,
+        EmbeddingSource(load_embeddings(corpus, corpus_id_list, corpus_ids), corpus_id_list, corpus),
+        EmbeddingSource(load_embeddings(queries, query_id_list, query_ids), query_id_list, queries),
+        qrels_files, **options)
+
+
+def ingest_beir_text(beir_dir: str, out: str, encoder: str, query_prompt: str = "", document_prompt: str = "",
+                     batch_size: int = 64, qrels: list[str] | None = None, **options) -> dict:
+    """Encodes a BEIR directory (corpus.jsonl, queries.jsonl, qrels/*.tsv) and ingests the embeddings."""
+    from esep_jax.data import text_encoder
+
+    root = Path(beir_dir)
+    corpus_file = _first_existing(root, ("corpus.jsonl", "corpus.jsonl.gz"))
+    queries_file = _first_existing(root, ("queries.jsonl", "queries.jsonl.gz"))
+    qrels_files = parse_qrels_args(qrels) if qrels else {
+        p.stem: str(p) for p in sorted((root / "qrels").glob("*.tsv"))}
+    if not qrels_files:
+        raise InputError("no qrels/*.tsv found (or pass --qrels SPLIT=PATH)", file=str(root))
+    doc_ids, doc_texts = text_encoder.read_beir_corpus(corpus_file)
+    query_ids, query_texts = text_encoder.read_beir_queries(queries_file)
+    _check_unique(doc_ids, corpus_file)
+    _check_unique(query_ids, queries_file)
+    documents = text_encoder.encode_texts(doc_texts, encoder=encoder, prompt=document_prompt,
+                                          batch_size=batch_size)
+    query_vectors = text_encoder.encode_texts(query_texts, encoder=encoder, prompt=query_prompt,
+                                              batch_size=batch_size)
+    return write_dataset(out, EmbeddingSource(documents, doc_ids, corpus_file),
+                         EmbeddingSource(query_vectors, query_ids, queries_file), qrels_files,
+                         encoder=encoder, query_prompt=query_prompt, document_prompt=document_prompt, **options)
+
+
+def _first_existing(root: Path, names: tuple[str, ...]) -> str:
+    for name in names:
+        if (root / name).is_file():
+            return str(root / name)
+    raise InputError(f"none of {', '.join(names)} found", file=str(root))
+
+
+def _check_unique(ids: list[str], name: str) -> None:
+    seen: set[str] = set()
+    for line_number, identifier in enumerate(ids, start=1):
+        if identifier in seen:
+            raise InputError(f"duplicate _id {identifier!r}", file=name, line=line_number, field="_id")
+        seen.add(identifier)

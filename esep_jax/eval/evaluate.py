@@ -1,0 +1,66 @@
+"""Evaluation of a split: exact retrieval with or without a head, trec_eval metrics, TREC run files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from esep_jax.atomic import atomic_write_text
+from esep_jax.data.dataset import Dataset, Qrels
+from esep_jax.eval.metrics import DEFAULT_CUTOFFS, doc_id_ranks, mean_metrics, per_query_metrics, trec_order
+from esep_jax.eval.retrieval import ExactIndex
+
+QueryTransform = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class Ranking:
+    """A run over the judged queries of a split, with its metrics."""
+
+    doc_rows: np.ndarray  # [Q_s, k] int32
+    scores: np.ndarray  # [Q_s, k] float32
+    per_query: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+class SplitEvaluator:
+    """Evaluates transforms of one split's queries against a fixed device-resident corpus index.
+
+    Built once and reused: the trainer evaluates dev every N steps without re-reading anything.
+    """
+
+    def __init__(self, dataset: Dataset, qrels: Qrels, index: ExactIndex, *, top_k: int = 1000,
+                 query_chunk: int = 1024, relevance_level: int = 1, cutoffs=DEFAULT_CUTOFFS):
+        self.dataset, self.qrels, self.index = dataset, qrels, index
+        self.top_k, self.query_chunk, self.relevance_level = top_k, query_chunk, relevance_level
+        self.cutoffs = tuple(k for k in cutoffs if k <= max(top_k, 1))
+        self.queries = dataset.read_queries(qrels.query_rows)
+        self._doc_id_rank = doc_id_ranks(dataset.ids("corpus"))
+
+    def rank(self, transform: QueryTransform | None = None) -> Ranking:
+        """Retrieves for every judged query (through `transform` if given) and scores the run."""
+        vectors = self.queries
+        if transform is not None:
+            vectors = np.concatenate([
+                np.asarray(transform(vectors[start:start + self.query_chunk]))
+                for start in range(0, len(vectors), self.query_chunk)])
+        rows, scores = self.index.search(vectors, self.top_k, self.query_chunk)
+        per_query = per_query_metrics(rows, scores, self.qrels, self._doc_id_rank, self.cutoffs,
+                                      self.relevance_level)
+        return Ranking(rows, scores, per_query, mean_metrics(per_query))
+
+    def write_trec_run(self, ranking: Ranking, path: str | Path, run_name: str) -> None:
+        """Writes `qid Q0 docid rank score run_name` lines, ranked the way trec_eval reads them."""
+        query_ids, doc_ids = self.dataset.ids("queries"), self.dataset.ids("corpus")
+        order = trec_order(ranking.scores, ranking.doc_rows, self._doc_id_rank)
+        lines = []
+        for i, query_row in enumerate(self.qrels.query_rows):
+            for rank, j in enumerate(order[i], start=1):
+                # %.9g round-trips float32 exactly, so trec_eval reading this file sees the same ties.
+                lines.append(f"{query_ids[query_row]} Q0 {doc_ids[ranking.doc_rows[i, j]]} {rank} "
+                             f"{float(ranking.scores[i, j]):.9g} {run_name}")
+        atomic_write_text(path, "\n".join(lines) + "\n")

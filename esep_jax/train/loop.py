@@ -1,0 +1,223 @@
+"""`train_and_evaluate(config, data, workdir)`: the training loop with dev evaluation and early stopping.
+
+The loop only orchestrates: batches come from the step-addressed loader, the step is the jitted pure
+function from `step.py`, and every `eval_every` steps the head is evaluated exactly on the dev split. The best
+dev parameters so far live in the train state (the untrained identity head is the first candidate, so the
+selected head is never worse on dev than the base embeddings), and every checkpoint holds it. A rerun in the
+same workdir resumes from the newest checkpoint and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from esep_jax.atomic import atomic_write_text
+from esep_jax.config import Config, save_config, to_dict
+from esep_jax.data.dataset import Dataset, Qrels
+from esep_jax.data.loader import TrainBatches
+from esep_jax.errors import InputError
+from esep_jax.eval.evaluate import SplitEvaluator
+from esep_jax.eval.retrieval import ExactIndex
+from esep_jax.models.heads import build_head
+from esep_jax.train.checkpoint import CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like, read_run_config
+from esep_jax.train.metrics_log import MetricsLog
+from esep_jax.train.step import TrainState, create_state, make_optimizer, make_train_step
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def split_for_training(dataset: Dataset, config: Config) -> tuple[Qrels, Qrels, str]:
+    """(train qrels, dev qrels, dev name). Without a dev split, a seeded fraction of train is held out."""
+    train = dataset.qrels(config.train.train_split)
+    if config.train.dev_split in dataset.manifest["splits"]:
+        return train, dataset.qrels(config.train.dev_split), config.train.dev_split
+    order = np.random.default_rng([config.train.seed, 7]).permutation(train.num_queries)
+    held_out = max(1, int(round(config.train.holdout_fraction * train.num_queries)))
+    if held_out >= train.num_queries:
+        raise InputError(f"split {config.train.train_split!r} has too few queries to hold out a dev set",
+                         field="config.train.holdout_fraction")
+    return (train.subset(np.sort(order[held_out:])), train.subset(np.sort(order[:held_out])),
+            f"{config.train.train_split} (held out {held_out})")
+
+
+def build_training(config: Config, dataset: Dataset):
+    """The head, optimiser and learning-rate schedule a config describes for a dataset."""
+    head = build_head(config.model, dataset.corpus_dim)
+    optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)
+    return head, optimizer, schedule
+
+
+def initial_state(config: Config, dataset: Dataset, head, optimizer) -> TrainState:
+    return create_state(head, optimizer, config.train.seed, dataset.query_dim)
+
+
+def load_best_head(workdir: str | Path, dataset: Dataset):
+    """(config, head, best params, best step) of the run in `workdir`, from its newest checkpoint."""
+    config = read_run_config(workdir)
+    head, optimizer, _ = build_training(config, dataset)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise InputError("no checkpoint yet", file=str(Path(workdir) / "checkpoints"))
+    abstract = abstract_like(jax.eval_shape(lambda: initial_state(config, dataset, head, optimizer)))
+    state = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    return config, head, state.best_params, int(state.best_step)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _prepare_workdir(workdir: Path, config: Config, data: str) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = {"data": str(Path(data).absolute()) if "://" not in data else data}
+    config_path, info_path = workdir / CONFIG_FILE, workdir / RUN_INFO_FILE
+    if config_path.exists():
+        previous = read_run_config(workdir)
+        changed = _differences(to_dict(previous), to_dict(config))
+        if changed:
+            raise InputError(f"holds a run with a different config ({'; '.join(changed[:3])}); "
+                             "use a new --workdir", file=str(workdir))
+        if info_path.exists() and json.loads(info_path.read_text()).get("data") != info["data"]:
+            raise InputError("holds a run on different data; use a new --workdir", file=str(workdir))
+    save_config(config, config_path)
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
+def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress: bool = True) -> dict:
+    """Trains a head on `data`, keeps the best on dev, checkpoints into `workdir`; returns the summary."""
+    workdir = Path(workdir)
+    dataset = Dataset(data)
+    train_qrels, dev_qrels, dev_name = split_for_training(dataset, config)
+    _prepare_workdir(workdir, config, data)
+    tc = config.train
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    if tc.batch_size % jax.device_count():
+        raise InputError(f"batch size {tc.batch_size} is not divisible by {jax.device_count()} devices",
+                         field="config.train.batch_size")
+    corpus_dtype = jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32
+    corpus = jax.device_put(jnp.asarray(dataset.read_corpus(), corpus_dtype), replicated)
+
+    head, optimizer, schedule = build_training(config, dataset)
+    train_step = jax.jit(make_train_step(head, optimizer, schedule, config), donate_argnums=(0,))
+    apply_head = jax.jit(lambda params, queries: head.apply({"params": params}, queries))
+    state = jax.device_put(initial_state(config, dataset, head, optimizer), replicated)
+
+    checkpointer = Checkpointer(workdir, tc.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(start, abstract_like(state))
+    start = int(start or 0)
+    log = MetricsLog(workdir / METRICS_FILE, resume_step=start)
+    evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(corpus, config.eval.corpus_chunk, corpus_dtype),
+                               top_k=config.eval.top_k, query_chunk=config.eval.query_chunk,
+                               relevance_level=config.eval.relevance_level)
+    base_dev = evaluator.rank().metrics
+    if start == 0:
+        state = _record_evaluation(state, 0, base_dev, tc, log, improved_over=-np.inf)
+        checkpointer.save(0, state)
+
+    batches = TrainBatches(dataset, train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
+                           seed=tc.seed, grade_weighting=config.loss.grade_weighting,
+                           relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
+                           shard_index=jax.process_index(), shard_count=jax.process_count())
+    step, preempted, sums, count = start, False, None, 0
+    bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step", disable=not progress, leave=False)
+    with _StopRequest() as stop:
+        for step_index, local_batch in batches.iterate(start, tc.num_steps if not bool(state.stopped) else start):
+            batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
+                     for name, values in local_batch.items()}
+            state, metrics = train_step(state, batch, corpus)
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            count += 1
+            step = step_index + 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                means = {name: float(value) / count for name, value in sums.items()}
+                if not np.isfinite(means["loss"]):
+                    checkpointer.close()
+                    raise FloatingPointError(f"non-finite loss between steps {step - count + 1} and {step}; "
+                                             f"the last good checkpoint is kept in {workdir}")
+                log.write(step, "train", means)
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                sums, count = None, 0
+            if step % tc.eval_every == 0 or step == tc.num_steps:
+                dev = evaluator.rank(lambda q: apply_head(state.params, q)).metrics
+                state = _record_evaluation(state, step, dev, tc, log, improved_over=float(state.best_score))
+                bar.set_postfix(dev=f"{dev[tc.select_metric]:.4f}", best=f"{float(state.best_score):.4f}")
+            if step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or step == tc.num_steps:
+                checkpointer.save(step, state)
+            if bool(state.stopped) or stop.requested:
+                preempted = stop.requested and not bool(state.stopped)
+                checkpointer.save(step, state)
+                break
+    bar.close()
+    checkpointer.close()
+    log.close()
+
+    best_dev = evaluator.rank(lambda q: apply_head(state.best_params, q)).metrics
+    summary = {
+        "dev_split": dev_name, "steps": step, "best_step": int(state.best_step),
+        "stopped_early": bool(state.stopped), "preempted": preempted,
+        "base_dev": base_dev, "best_dev": best_dev,
+    }
+    atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _record_evaluation(state: TrainState, step: int, metrics: dict, tc, log: MetricsLog,
+                       improved_over: float) -> TrainState:
+    """Logs a dev evaluation and updates the early-stopping record held in the state."""
+    # Compare in float32, the precision the record is kept in, so a tie never counts as an improvement.
+    score = np.float32(metrics[tc.select_metric])
+    log.write(step, "dev", metrics)
+    if score > np.float32(improved_over):
+        return state.replace(best_params=jax.tree.map(jnp.copy, state.params),
+                             best_score=jnp.asarray(score, jnp.float32), best_step=jnp.asarray(step, jnp.int32),
+                             evals_since_best=jnp.zeros((), jnp.int32))
+    stale = int(state.evals_since_best) + 1
+    return state.replace(evals_since_best=jnp.asarray(stale, jnp.int32),
+                         stopped=jnp.asarray(stale >= tc.patience))
+
