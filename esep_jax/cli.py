@@ -76,6 +76,8 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics.jsonl")
     parser.add_argument("--config", default=None, help="Python config file (see configs/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
+                        help="checkpoint and exit after step N (the run itself is unchanged; rerun to continue)")
     parser.set_defaults(handler=_run_train)
 
 
@@ -85,10 +87,11 @@ def _run_train(args) -> int:
     from esep_jax.train.loop import train_and_evaluate
 
     config = load_config(args.config, args.config_overrides)
-    summary = train_and_evaluate(config, args.data, args.workdir, progress=not args.no_progress)
+    summary = train_and_evaluate(config, args.data, args.workdir, progress=not args.no_progress,
+                                 stop_at_step=args.stop_at_step)
     print(f"dev split: {summary['dev_split']}; steps {summary['steps']}, best step {summary['best_step']}"
           + (" (stopped early)" if summary["stopped_early"] else "")
-          + (" (interrupted: rerun the same command to resume)" if summary["preempted"] else ""))
+          + (" (paused: rerun the same command to resume)" if summary["interrupted"] else ""))
     print(f"{'metric':<12}{'base':>9}{'best':>9}")
     for name in HEADLINE:
         print(f"{name:<12}{summary['base_dev'][name]:>9.4f}{summary['best_dev'][name]:>9.4f}")

@@ -115,6 +115,11 @@ def validate(config: Config) -> Config:
     for dotted in positive:
         if not _get(config, dotted) > 0:
             raise InputError(f"must be > 0, got {_get(config, dotted)!r}", field=f"config.{dotted}")
+    from esep_jax.eval.metrics import DEFAULT_CUTOFFS, MEASURES
+
+    selectable = [f"{m}@{k}" for m in MEASURES for k in DEFAULT_CUTOFFS if k <= config.eval.top_k]
+    if config.train.select_metric not in selectable:
+        raise InputError(f"must be one of {', '.join(selectable)}", field="config.train.select_metric")
     if not 0.0 < config.train.holdout_fraction < 1.0:
         raise InputError("must be in (0, 1)", field="config.train.holdout_fraction")
     return config

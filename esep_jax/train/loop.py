@@ -124,8 +124,13 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress: bool = True) -> dict:
-    """Trains a head on `data`, keeps the best on dev, checkpoints into `workdir`; returns the summary."""
+def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress: bool = True,
+                       stop_at_step: int | None = None) -> dict:
+    """Trains a head on `data`, keeps the best on dev, checkpoints into `workdir`; returns the summary.
+
+    `stop_at_step` ends this invocation early (with a checkpoint) without changing the run: for jobs cut into
+    time slices. Rerunning in the same workdir continues where it stopped.
+    """
     workdir = Path(workdir)
     dataset = Dataset(data)
     train_qrels, dev_qrels, dev_name = split_for_training(dataset, config)
@@ -163,10 +168,12 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
                            seed=tc.seed, grade_weighting=config.loss.grade_weighting,
                            relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
-    step, preempted, sums, count = start, False, None, 0
+    # Early stopping is decided on the host at evaluations; mirroring it here keeps the hot loop sync-free.
+    stopped = bool(state.stopped)
+    step, interrupted, sums, count = start, False, None, 0
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step", disable=not progress, leave=False)
     with _StopRequest() as stop:
-        for step_index, local_batch in batches.iterate(start, tc.num_steps if not bool(state.stopped) else start):
+        for step_index, local_batch in batches.iterate(start, start if stopped else tc.num_steps):
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
                      for name, values in local_batch.items()}
             state, metrics = train_step(state, batch, corpus)
@@ -174,7 +181,11 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
             count += 1
             step = step_index + 1
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.num_steps:
+            halt = stop.requested or step == stop_at_step or step == tc.num_steps
+            eval_due = step % tc.eval_every == 0 or step == tc.num_steps
+            save_due = eval_due or halt or step % tc.checkpoint_every == 0
+            # Metrics are fetched only at log steps — and before every save, so no checkpoint holds NaNs.
+            if step % tc.log_every == 0 or save_due:
                 means = {name: float(value) / count for name, value in sums.items()}
                 if not np.isfinite(means["loss"]):
                     checkpointer.close()
@@ -183,15 +194,15 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
                 log.write(step, "train", means)
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 sums, count = None, 0
-            if step % tc.eval_every == 0 or step == tc.num_steps:
+            if eval_due:
                 dev = evaluator.rank(lambda q: apply_head(state.params, q)).metrics
                 state = _record_evaluation(state, step, dev, tc, log, improved_over=float(state.best_score))
+                stopped = bool(state.stopped)
                 bar.set_postfix(dev=f"{dev[tc.select_metric]:.4f}", best=f"{float(state.best_score):.4f}")
-            if step % tc.checkpoint_every == 0 or step % tc.eval_every == 0 or step == tc.num_steps:
+            if save_due or stopped:
                 checkpointer.save(step, state)
-            if bool(state.stopped) or stop.requested:
-                preempted = stop.requested and not bool(state.stopped)
-                checkpointer.save(step, state)
+            if halt or stopped:
+                interrupted = not stopped and step < tc.num_steps
                 break
     bar.close()
     checkpointer.close()
@@ -200,7 +211,7 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     best_dev = evaluator.rank(lambda q: apply_head(state.best_params, q)).metrics
     summary = {
         "dev_split": dev_name, "steps": step, "best_step": int(state.best_step),
-        "stopped_early": bool(state.stopped), "preempted": preempted,
+        "stopped_early": stopped, "interrupted": interrupted,
         "base_dev": base_dev, "best_dev": best_dev,
     }
     atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

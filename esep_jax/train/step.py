@@ -85,7 +85,7 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, corpus, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

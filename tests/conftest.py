@@ -1,0 +1,93 @@
+"""Shared fixtures: small synthetic datasets on disk, and the real NFCorpus when ../shared is present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ESEP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def write_synthetic_sources(directory: Path, *, num_docs=400, num_queries=300, dim=16, query_dim=None,
+                            seed=0, positives_per_query=(1, 4), dtype=np.float32) -> dict:
+    """A learnable retrieval task in the layout users bring: .npy + id files + BEIR qrels TSVs.
+
+    Queries are noisy images of their relevant documents under a fixed linear distortion, so the base
+    embeddings retrieve imperfectly and a linear head can undo the distortion.
+    """
+    rng = np.random.default_rng(seed)
+    query_dim = query_dim or dim
+    corpus = rng.normal(size=(num_docs, dim))
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    distortion = np.eye(dim, query_dim) + 0.6 * rng.normal(size=(dim, query_dim)) / np.sqrt(dim)
+    positives = [rng.choice(num_docs, rng.integers(*positives_per_query, endpoint=True), replace=False)
+                 for _ in range(num_queries)]
+    queries = np.stack([corpus[p].mean(axis=0) @ distortion for p in positives])
+    queries += 0.05 * rng.normal(size=queries.shape)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "corpus.npy", corpus.astype(dtype))
+    np.save(directory / "queries.npy", queries.astype(dtype))
+    doc_ids = [f"d{i}" for i in range(num_docs)]
+    query_ids = [f"q{i}" for i in range(num_queries)]
+    (directory / "corpus_ids.txt").write_text("\n".join(doc_ids) + "\n")
+    (directory / "query_ids.txt").write_text("\n".join(query_ids) + "\n")
+    splits = {"train": range(0, int(num_queries * 0.7)), "dev": range(int(num_queries * 0.7), int(num_queries * 0.85)),
+              "test": range(int(num_queries * 0.85), num_queries)}
+    files = {}
+    for split, rows in splits.items():
+        lines = ["query-id\tcorpus-id\tscore"]
+        for q in rows:
+            for rank, d in enumerate(positives[q]):
+                lines.append(f"q{q}\td{d}\t{2 if rank == 0 else 1}")
+        path = directory / f"{split}.tsv"
+        path.write_text("\n".join(lines) + "\n")
+        files[split] = str(path)
+    return {"corpus": str(directory / "corpus.npy"), "corpus_ids": str(directory / "corpus_ids.txt"),
+            "queries": str(directory / "queries.npy"), "query_ids": str(directory / "query_ids.txt"),
+            "qrels": files}
+
+
+def ingest_args(sources: dict, out: Path, splits=("train", "dev", "test")) -> list[str]:
+    args = ["ingest", "--corpus", sources["corpus"], "--corpus-ids", sources["corpus_ids"],
+            "--queries", sources["queries"], "--query-ids", sources["query_ids"], "--out", str(out)]
+    for split in splits:
+        args += ["--qrels", f"{split}={sources['qrels'][split]}"]
+    return args
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> str:
+    """An ingested synthetic dataset (train/dev/test), shared read-only by the tests of a session."""
+    from esep_jax.cli import main
+
+    root = tmp_path_factory.mktemp("synthetic")
+    sources = write_synthetic_sources(root / "sources")
+    assert main(ingest_args(sources, root / "dataset")) == 0
+    return str(root / "dataset")
+
+
+@pytest.fixture(scope="session")
+def nfcorpus_dataset(tmp_path_factory) -> str:
+    """NFCorpus ingested from ../shared/data/nfcorpus with the documented command."""
+    from esep_jax.cli import main
+
+    source = SHARED_DATA / "nfcorpus"
+    if not (source / "minilm" / "corpus.npy").exists():
+        pytest.skip(f"NFCorpus not found at {source}")
+    out = tmp_path_factory.mktemp("nfcorpus") / "dataset"
+    cwd = os.getcwd()
+    os.chdir(source)
+    try:
+        code = main(["ingest", "--corpus", "minilm/corpus.npy", "--corpus-ids", "minilm/corpus_ids.txt",
+                     "--queries", "minilm/queries.npy", "--query-ids", "minilm/queries_ids.txt",
+                     "--qrels", "train=qrels/train.tsv", "--qrels", "dev=qrels/dev.tsv",
+                     "--qrels", "test=qrels/test.tsv", "--out", str(out)])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    return str(out)
