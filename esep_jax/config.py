@@ -26,6 +26,9 @@ class ModelConfig:
     rank: int = 32  # lowrank: rank of U Vᵀ
     hidden_dim: int = 512  # mlp: width of the hidden layer
     dropout: float = 0.0  # mlp: dropout on the hidden layer during training
+    # An output bias b adds <b, d> to every document's score: a pure document prior that lifts documents seen
+    # as positives in training over unseen ones. Off by default; useful for drift maps (a mean shift).
+    use_bias: bool = False
 
 
 @dataclasses.dataclass
@@ -33,6 +36,10 @@ class LossConfig:
     """What the head is trained to do."""
 
     kind: str = "full_corpus"  # full_corpus | in_batch
+    # Which documents the full-corpus softmax contrasts against: every document ("all"), or only those judged
+    # relevant to some training query ("judged"). With "all", documents never relevant in training are pushed
+    # down for every query — a document prior that hurts queries whose relevant documents are unseen.
+    negatives: str = "all"
     temperature: float = 0.05
     # Pulls f(q) towards q: the head departs from the base retrieval only where the data asks for it.
     recovery_weight: float = 1.0
@@ -98,6 +105,7 @@ class Config:
 CHOICES = {
     "model.head": ("linear", "lowrank", "mlp"),
     "loss.kind": ("full_corpus", "in_batch"),
+    "loss.negatives": ("all", "judged"),
     "loss.grade_weighting": ("linear", "uniform"),
     "train.corpus_dtype": ("float32", "bfloat16"),
 }

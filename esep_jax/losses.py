@@ -19,16 +19,21 @@ def target_distribution(positive_ids: jax.Array, positive_weights: jax.Array) ->
 
 
 def full_corpus_softmax_loss(query_vectors: jax.Array, corpus: jax.Array, positive_ids: jax.Array,
-                             positive_weights: jax.Array, temperature: float) -> jax.Array:
+                             positive_weights: jax.Array, temperature: float,
+                             document_mask: jax.Array | None = None) -> jax.Array:
     """Cross-entropy of the softmax over the *whole* corpus against the multi-positive target.
 
-    `loss_i = logsumexp_j(<f(q_i), c_j>/τ) − Σ_p w_ip <f(q_i), c_p>/τ`. This plain version builds the `[B, N]`
-    logits; it is the reference for the blockwise implementation.
+    `loss_i = logsumexp_j(<f(q_i), c_j>/τ) − Σ_p w_ip <f(q_i), c_p>/τ`. With `document_mask` [N], only the
+    masked-in documents enter the softmax (positives must be among them). This plain version builds the
+    `[B, N]` logits; it is the reference for the blockwise implementation.
     """
     logits = jnp.einsum("bd,nd->bn", query_vectors, corpus.astype(query_vectors.dtype)) / temperature
+    if document_mask is not None:
+        logits = jnp.where(document_mask[None, :], logits, -jnp.inf)
     positive_logits = jnp.take_along_axis(logits, jnp.maximum(positive_ids, 0), axis=-1)
     targets = target_distribution(positive_ids, positive_weights)
-    return jax.nn.logsumexp(logits, axis=-1) - (targets * positive_logits).sum(axis=-1)
+    # `where`, not a product: padding may point at a masked-out (-inf) document.
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.where(targets > 0, targets * positive_logits, 0.0).sum(axis=-1)
 
 
 def in_batch_softmax_loss(query_vectors: jax.Array, doc_vectors: jax.Array, doc_ids: jax.Array,

@@ -217,10 +217,19 @@ def ingest_beir_text(beir_dir: str, out: str, encoder: str, query_prompt: str = 
         p.stem: str(p) for p in sorted((root / "qrels").glob("*.tsv"))}
     if not qrels_files:
         raise InputError("no qrels/*.tsv found (or pass --qrels SPLIT=PATH)", file=str(root))
-    doc_ids, doc_texts = text_encoder.read_beir_corpus(corpus_file)
-    query_ids, query_texts = text_encoder.read_beir_queries(queries_file)
+    try:
+        doc_ids, doc_texts = text_encoder.read_beir_corpus(corpus_file)
+        query_ids, query_texts = text_encoder.read_beir_queries(queries_file)
+    except (ValueError, OSError) as error:  # the reader's message already names the file and line
+        raise InputError(str(error)) from None
     _check_unique(doc_ids, corpus_file)
     _check_unique(query_ids, queries_file)
+    try:
+        text_encoder.resolve_encoder_path(encoder)
+    except ValueError as error:
+        raise InputError(str(error), field="--encoder") from None
+    except text_encoder.EncoderNotInstalledError as error:
+        raise InputError(str(error)) from None
     documents = text_encoder.encode_texts(doc_texts, encoder=encoder, prompt=document_prompt,
                                           batch_size=batch_size)
     query_vectors = text_encoder.encode_texts(query_texts, encoder=encoder, prompt=query_prompt,

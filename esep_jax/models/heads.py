@@ -29,13 +29,15 @@ def base_projection(queries: jax.Array, output_dim: int) -> jax.Array:
 
 
 class LinearHead(nn.Module):
-    """`f(q) = (E + D) q + b` with D, b zero-initialised: a full linear map starting at the identity."""
+    """`f(q) = (E + D) q [+ b]` with D (and b) zero-initialised: a full linear map starting at the identity."""
 
     output_dim: int
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, queries: jax.Array, train: bool = False) -> jax.Array:
-        residual = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros, name="residual")(queries)
+        residual = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros, use_bias=self.use_bias,
+                            name="residual")(queries)
         return base_projection(queries, self.output_dim) + residual
 
 
@@ -54,28 +56,30 @@ class LowRankHead(nn.Module):
 
 
 class ResidualMLPHead(nn.Module):
-    """`f(q) = E q + W₂ gelu(W₁ q + b₁) + b₂` with the output layer zero-initialised."""
+    """`f(q) = E q + W₂ gelu(W₁ q + b₁) [+ b₂]` with the output layer zero-initialised."""
 
     output_dim: int
     hidden_dim: int
     dropout: float = 0.0
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, queries: jax.Array, train: bool = False) -> jax.Array:
         hidden = nn.gelu(nn.Dense(self.hidden_dim, name="hidden")(queries))
         hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
-        out = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros, name="out")(hidden)
+        out = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros, use_bias=self.use_bias,
+                       name="out")(hidden)
         return base_projection(queries, self.output_dim) + out
 
 
 def build_head(config: ModelConfig, output_dim: int) -> nn.Module:
     """The head the config names, producing vectors of the corpus dimension."""
     if config.head == "linear":
-        return LinearHead(output_dim)
+        return LinearHead(output_dim, config.use_bias)
     if config.head == "lowrank":
         return LowRankHead(output_dim, config.rank)
     if config.head == "mlp":
-        return ResidualMLPHead(output_dim, config.hidden_dim, config.dropout)
+        return ResidualMLPHead(output_dim, config.hidden_dim, config.dropout, config.use_bias)
     raise ValueError(f"unknown head {config.head!r}")
 
 

@@ -145,6 +145,7 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     corpus_dtype = jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32
     corpus = jax.device_put(jnp.asarray(dataset.read_corpus(), corpus_dtype), replicated)
 
+    negative_mask = jax.device_put(_negative_mask(config, dataset, train_qrels), replicated)
     head, optimizer, schedule = build_training(config, dataset)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config), donate_argnums=(0,))
     apply_head = jax.jit(lambda params, queries: head.apply({"params": params}, queries))
@@ -176,7 +177,7 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
         for step_index, local_batch in batches.iterate(start, start if stopped else tc.num_steps):
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
                      for name, values in local_batch.items()}
-            state, metrics = train_step(state, batch, corpus)
+            state, metrics = train_step(state, batch, corpus, negative_mask)
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             count += 1
             step = step_index + 1
@@ -216,6 +217,15 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     }
     atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _negative_mask(config: Config, dataset: Dataset, train_qrels: Qrels) -> np.ndarray:
+    """Documents the full-corpus softmax contrasts against: all, or those relevant to a training query."""
+    if config.loss.negatives == "all":
+        return np.ones(dataset.num_documents, bool)
+    mask = np.zeros(dataset.num_documents, bool)
+    mask[train_qrels.doc_rows[train_qrels.grades >= config.eval.relevance_level]] = True
+    return mask
 
 
 def _record_evaluation(state: TrainState, step: int, metrics: dict, tc, log: MetricsLog,

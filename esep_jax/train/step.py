@@ -57,20 +57,23 @@ def create_state(head: nn.Module, optimizer: optax.GradientTransformation, seed:
 
 def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     config: Config) -> Callable:
-    """Builds `train_step(state, batch, corpus) -> (state, metrics)`; jit it with the state donated.
+    """Builds `train_step(state, batch, corpus, negative_mask) -> (state, metrics)`; jit it, donating the state.
+
+    `corpus` is the device-resident `[N, d]` document table and `negative_mask` a `[N]` bool of the documents
+    the full-corpus softmax contrasts against (see `LossConfig.negatives`).
 
     Config values are closed over as Python constants, so they are compiled in rather than traced.
     """
     loss_config = config.loss
     seed_key = jax.random.key(config.train.seed)
 
-    def loss_fn(params, batch, corpus, key):
+    def loss_fn(params, batch, corpus, negative_mask, key):
         queries, positive_ids, positive_weights = batch["queries"], batch["positive_ids"], batch["positive_weights"]
         vectors = head.apply({"params": params}, queries, train=True,
                              rngs={"dropout": jax.random.fold_in(key, 0)})
         if loss_config.kind == "full_corpus":
             per_query = full_corpus_softmax_loss(vectors, corpus, positive_ids, positive_weights,
-                                                 loss_config.temperature)
+                                                 loss_config.temperature, negative_mask)
         else:
             sampled = sample_positive(jax.random.fold_in(key, 1), positive_ids, positive_weights)
             per_query = in_batch_softmax_loss(vectors, corpus[sampled], sampled, positive_ids, positive_weights,
@@ -80,9 +83,9 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
         total = task_loss + loss_config.recovery_weight * recovery
         return total, {"loss": total, "task_loss": task_loss, "recovery": recovery}
 
-    def train_step(state: TrainState, batch: dict, corpus: jax.Array):
+    def train_step(state: TrainState, batch: dict, corpus: jax.Array, negative_mask: jax.Array):
         key = jax.random.fold_in(seed_key, state.step)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, corpus, key)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, corpus, negative_mask, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
