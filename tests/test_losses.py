@@ -58,3 +58,15 @@ def test_sample_positive_draws_only_real_positives_by_weight():
 
 def test_recovery_penalty():
     np.testing.assert_allclose(recovery_penalty(jnp.array([[1.0, 2.0]]), jnp.array([[0.0, 0.0]])), [5.0])
+
+
+def test_document_mask_limits_the_softmax_to_masked_in_documents():
+    rng = np.random.default_rng(2)
+    queries, corpus = rng.normal(size=(2, 4)), rng.normal(size=(6, 4))
+    ids, weights = np.array([[1, -1], [4, 5]]), np.ones((2, 2))
+    mask = np.array([True, True, False, False, True, True])
+    loss = full_corpus_softmax_loss(jnp.asarray(queries, jnp.float32), jnp.asarray(corpus, jnp.float32),
+                                    jnp.asarray(ids), jnp.asarray(weights, jnp.float32), 0.2, jnp.asarray(mask))
+    logits = (queries @ corpus.T / 0.2)[:, mask]  # columns 0, 1, 4, 5
+    log_p = logits - _logsumexp(logits)[:, None]
+    np.testing.assert_allclose(loss, [-log_p[0, 1], -(log_p[1, 2] + log_p[1, 3]) / 2], rtol=1e-5)
