@@ -46,6 +46,7 @@ class LossConfig:
     # Per query, at most this many positives enter the target distribution (sampled by step if more).
     max_positives: int = 64
     grade_weighting: str = "linear"  # linear: weight ∝ grade | uniform: every positive alike
+    z_loss: float = 0.0  # weight of LSE² (keeps logits bounded in low precision; full_corpus only)
 
 
 @dataclasses.dataclass
@@ -78,6 +79,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 25
     corpus_dtype: str = "float32"  # dtype of the device-resident corpus: float32 | bfloat16
+    # Devices form a (data, corpus) mesh: corpus rows are split over `corpus_shards` devices, queries over
+    # the remaining factor. 1 = the corpus is replicated and every device takes part of the batch.
+    corpus_shards: int = 1
+    corpus_chunk: int = 8192  # corpus rows scored at once inside the full-corpus softmax scan
+    micro_batch_size: int = 0  # 0: the whole batch at once; else gradients are summed over micro-batches
     prefetch: int = 2  # batches read ahead from tensorstore
 
 
@@ -119,6 +125,7 @@ def validate(config: Config) -> Config:
             raise InputError(f"must be one of {', '.join(allowed)}, got {value!r}", field=f"config.{dotted}")
     positive = ["loss.temperature", "train.batch_size", "train.num_steps", "train.eval_every",
                 "train.checkpoint_every", "train.log_every", "eval.top_k", "loss.max_positives",
+                "train.corpus_shards", "train.corpus_chunk",
                 "optim.learning_rate", "train.keep_checkpoints", "eval.query_chunk", "eval.corpus_chunk"]
     for dotted in positive:
         if not _get(config, dotted) > 0:
@@ -128,6 +135,15 @@ def validate(config: Config) -> Config:
     selectable = [f"{m}@{k}" for m in MEASURES for k in DEFAULT_CUTOFFS if k <= config.eval.top_k]
     if config.train.select_metric not in selectable:
         raise InputError(f"must be one of {', '.join(selectable)}", field="config.train.select_metric")
+    micro = config.train.micro_batch_size
+    if micro < 0 or (micro and config.train.batch_size % micro):
+        raise InputError(f"must divide train.batch_size ({config.train.batch_size}), got {micro}",
+                         field="config.train.micro_batch_size")
+    if micro and micro != config.train.batch_size and config.loss.kind == "in_batch":
+        raise InputError("in-batch negatives span the whole batch: micro-batching needs loss.kind=full_corpus",
+                         field="config.train.micro_batch_size")
+    if config.loss.z_loss < 0:
+        raise InputError("must be >= 0", field="config.loss.z_loss")
     if not 0.0 < config.train.holdout_fraction < 1.0:
         raise InputError("must be in (0, 1)", field="config.train.holdout_fraction")
     return config

@@ -60,13 +60,14 @@ def test_training_beats_base_and_writes_run_files(synthetic_dataset, tmp_path, c
 
 def test_early_stopping_keeps_the_best_dev_head(synthetic_dataset, tmp_path):
     workdir = tmp_path / "run"
-    # A learning rate this high wrecks the head after a few steps; the identity (step 0) must be kept.
-    args = ["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST, "--config.optim.learning_rate=50",
-            "--config.optim.grad_clip_norm=0", "--config.train.patience=2", "--config.loss.recovery_weight=0"]
+    # A learning rate this high, kept constant, wrecks the head; the identity (step 0) must be kept.
+    args = ["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST, "--config.optim.learning_rate=500",
+            "--config.optim.end_learning_rate_fraction=1", "--config.optim.grad_clip_norm=0",
+            "--config.train.patience=2", "--config.loss.recovery_weight=0"]
     assert main(args) == 0
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 40
-    assert summary["best_dev"]["ndcg@10"] >= summary["base_dev"]["ndcg@10"]
+    assert summary["best_step"] == 0 and summary["best_dev"] == summary["base_dev"]
     dev = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     best = max((r["ndcg@10"], -r["step"]) for r in dev if r["kind"] == "dev")
     assert summary["best_step"] == -best[1]

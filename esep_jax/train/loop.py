@@ -16,11 +16,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from esep_jax.atomic import atomic_write_text
 from esep_jax.config import Config, save_config, to_dict
+from esep_jax.corpus_softmax import DATA, ShardedCorpus, make_data_corpus_mesh
 from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.data.loader import TrainBatches
 from esep_jax.errors import InputError
@@ -137,17 +138,14 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     _prepare_workdir(workdir, config, data)
     tc = config.train
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    if tc.batch_size % jax.device_count():
-        raise InputError(f"batch size {tc.batch_size} is not divisible by {jax.device_count()} devices",
-                         field="config.train.batch_size")
+    mesh = _training_mesh(tc)
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     corpus_dtype = jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32
-    corpus = jax.device_put(jnp.asarray(dataset.read_corpus(), corpus_dtype), replicated)
-
-    negative_mask = jax.device_put(_negative_mask(config, dataset, train_qrels), replicated)
+    host_corpus = dataset.read_corpus()
+    corpus = ShardedCorpus(host_corpus, mesh, tc.corpus_chunk, corpus_dtype,
+                           mask=_negative_mask(config, dataset, train_qrels))
     head, optimizer, schedule = build_training(config, dataset)
-    train_step = jax.jit(make_train_step(head, optimizer, schedule, config), donate_argnums=(0,))
+    train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
     apply_head = jax.jit(lambda params, queries: head.apply({"params": params}, queries))
     state = jax.device_put(initial_state(config, dataset, head, optimizer), replicated)
 
@@ -157,7 +155,7 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
         state = checkpointer.restore(start, abstract_like(state))
     start = int(start or 0)
     log = MetricsLog(workdir / METRICS_FILE, resume_step=start)
-    evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(corpus, config.eval.corpus_chunk, corpus_dtype),
+    evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(host_corpus, config.eval.corpus_chunk, corpus_dtype),
                                top_k=config.eval.top_k, query_chunk=config.eval.query_chunk,
                                relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
@@ -177,7 +175,7 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
         for step_index, local_batch in batches.iterate(start, start if stopped else tc.num_steps):
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
                      for name, values in local_batch.items()}
-            state, metrics = train_step(state, batch, corpus, negative_mask)
+            state, metrics = train_step(state, batch, (corpus.embeddings, corpus.mask))
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             count += 1
             step = step_index + 1
@@ -217,6 +215,19 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     }
     atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _training_mesh(tc) -> Mesh:
+    """The (data, corpus) mesh of a run, after checking the batch splits evenly over it."""
+    if jax.device_count() % tc.corpus_shards:
+        raise InputError(f"{jax.device_count()} devices cannot hold {tc.corpus_shards} corpus shards",
+                         field="config.train.corpus_shards")
+    mesh = make_data_corpus_mesh(tc.corpus_shards)
+    per_step = tc.micro_batch_size or tc.batch_size
+    if per_step % mesh.shape[DATA]:
+        raise InputError(f"{per_step} queries per (micro-)batch do not split over {mesh.shape[DATA]} data shards",
+                         field="config.train.batch_size")
+    return mesh
 
 
 def _negative_mask(config: Config, dataset: Dataset, train_qrels: Qrels) -> np.ndarray:

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from esep_jax.config import Config, OptimConfig
-from esep_jax.losses import full_corpus_softmax_loss, in_batch_softmax_loss, recovery_penalty, sample_positive
+from jax.sharding import Mesh
+
+from esep_jax.corpus_softmax import DATA, make_corpus_softmax_loss
+from esep_jax.losses import in_batch_softmax_loss, recovery_penalty, sample_positive
 from esep_jax.models.heads import base_projection, init_params
 
 
@@ -56,39 +59,68 @@ def create_state(head: nn.Module, optimizer: optax.GradientTransformation, seed:
 
 
 def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    config: Config) -> Callable:
-    """Builds `train_step(state, batch, corpus, negative_mask) -> (state, metrics)`; jit it, donating the state.
+                    config: Config, mesh: Mesh) -> Callable:
+    """Builds `train_step(state, batch, corpus) -> (state, metrics)`; jit it, donating the state.
 
-    `corpus` is the device-resident `[N, d]` document table and `negative_mask` a `[N]` bool of the documents
-    the full-corpus softmax contrasts against (see `LossConfig.negatives`).
-
-    Config values are closed over as Python constants, so they are compiled in rather than traced.
+    `corpus` is the `(embeddings, mask)` pair of a `ShardedCorpus` on `mesh`: rows split over the `corpus` axis,
+    the mask marking the documents the full-corpus softmax contrasts against. The batch is split over `data`.
+    With `train.micro_batch_size`, the global batch is processed in micro-batches whose gradients are summed,
+    so a batch of any size runs in bounded memory with the result of one big batch. Config values are closed
+    over as Python constants, so they are compiled in rather than traced.
     """
-    loss_config = config.loss
+    loss_config, batch_size = config.loss, config.train.batch_size
+    num_micro = batch_size // (config.train.micro_batch_size or batch_size)
+    data_size = mesh.shape[DATA]
     seed_key = jax.random.key(config.train.seed)
+    corpus_loss = make_corpus_softmax_loss(mesh, temperature=loss_config.temperature, z_loss=loss_config.z_loss,
+                                           chunk=config.train.corpus_chunk)
 
-    def loss_fn(params, batch, corpus, negative_mask, key):
+    def summed_loss(params, batch, corpus, key):
+        """Sums over the (micro-)batch; the caller divides by the global batch size."""
         queries, positive_ids, positive_weights = batch["queries"], batch["positive_ids"], batch["positive_weights"]
         vectors = head.apply({"params": params}, queries, train=True,
                              rngs={"dropout": jax.random.fold_in(key, 0)})
         if loss_config.kind == "full_corpus":
-            per_query = full_corpus_softmax_loss(vectors, corpus, positive_ids, positive_weights,
-                                                 loss_config.temperature, negative_mask)
+            per_query = corpus_loss(vectors, corpus, positive_ids, positive_weights)
         else:
             sampled = sample_positive(jax.random.fold_in(key, 1), positive_ids, positive_weights)
-            per_query = in_batch_softmax_loss(vectors, corpus[sampled], sampled, positive_ids, positive_weights,
-                                              loss_config.temperature)
-        task_loss = per_query.mean()
-        recovery = recovery_penalty(vectors, base_projection(queries, vectors.shape[-1])).mean()
-        total = task_loss + loss_config.recovery_weight * recovery
-        return total, {"loss": total, "task_loss": task_loss, "recovery": recovery}
+            per_query = in_batch_softmax_loss(vectors, corpus[0][sampled], sampled, positive_ids,
+                                              positive_weights, loss_config.temperature)
+        task = per_query.sum()
+        recovery = recovery_penalty(vectors, base_projection(queries, vectors.shape[-1])).sum()
+        return task + loss_config.recovery_weight * recovery, (task, recovery)
 
-    def train_step(state: TrainState, batch: dict, corpus: jax.Array, negative_mask: jax.Array):
+    summed_grad = jax.grad(summed_loss, has_aux=True)
+
+    def micro_batched_grad(params, batch, corpus, key):
+        # Micro-batch m takes rows m·b_local … (m+1)·b_local − 1 of *every* data shard, so each micro-batch
+        # stays spread over all devices and the reshape moves no data between them.
+        def split(values):
+            local = values.reshape(data_size, num_micro, -1, *values.shape[1:])
+            return jnp.swapaxes(local, 0, 1).reshape(num_micro, -1, *values.shape[1:])
+
+        def accumulate(total, micro_and_index):
+            micro_batch, index = micro_and_index
+            grads, sums = summed_grad(params, micro_batch, corpus, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, total, (grads, sums)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros(()), jnp.zeros(())))
+        micro_batches = jax.tree.map(split, batch)
+        total, _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(num_micro)))
+        return total
+
+    def train_step(state: TrainState, batch: dict, corpus: tuple[jax.Array, jax.Array]):
         key = jax.random.fold_in(seed_key, state.step)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, corpus, negative_mask, key)
+        if num_micro == 1:
+            grads, (task, recovery) = summed_grad(state.params, batch, corpus, key)
+        else:
+            grads, (task, recovery) = micro_batched_grad(state.params, batch, corpus, key)
+        grads = jax.tree.map(lambda g: g / batch_size, grads)
+        task, recovery = task / batch_size, recovery / batch_size
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+        metrics = {"loss": task + loss_config.recovery_weight * recovery, "task_loss": task, "recovery": recovery,
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
