@@ -119,12 +119,60 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(float(v)) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (train step)")
+    kinds = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    train = kinds.add_parser(
+        "train", help="full-corpus train step: utilisation vs plain matmuls, pairs/s, peak memory, vs PyTorch",
+        description="Times the jitted full-corpus softmax train step and reports achieved FLOP/s (4·B·N·d per "
+                    "step) as a fraction of plain [B,d]x[d,chunk] matmul FLOP/s measured in the same run, "
+                    "pairs/s, peak memory, and the ratio to the same loss written plainly in PyTorch. "
+                    "Lists are comma-separated; --grid runs N in {10k,100k,1M} x d in {384,768} x B in {1k,8k}.")
+    train.add_argument("--corpus-size", type=_int_list, default=[100000], help="N, e.g. 100000 or 1e4,1e5")
+    train.add_argument("--dim", type=_int_list, default=[384], help="d")
+    train.add_argument("--batch", type=_int_list, default=[4096], help="B (global batch)")
+    train.add_argument("--devices", type=_int_list, default=None,
+                       help="device counts (CPU: JAX_NUM_CPU_DEVICES per count; default: this process's)")
+    train.add_argument("--grid", action="store_true", help="the full grid of sizes")
+    train.add_argument("--chunk", type=int, default=8192, help="corpus rows per scan step")
+    train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="corpus dtype")
+    train.add_argument("--steps", type=int, default=2, help="timed steps (the best is kept)")
+    train.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    train.add_argument("--json", default=None, metavar="PATH")
+    train.add_argument("--markdown", default=None, metavar="PATH")
+    train.add_argument("--plot", default=None, metavar="PATH", help="PNG")
+    train.set_defaults(handler=_run_bench_train)
+
+
+def _run_bench_train(args) -> int:
+    import jax
+
+    from esep_jax.bench.report import markdown_table, write_results
+    from esep_jax.bench.train import run_benchmarks
+
+    sizes, dims, batches = ([10000, 100000, 1000000], [384, 768], [1024, 8192]) if args.grid else \
+        (args.corpus_size, args.dim, args.batch)
+    records = run_benchmarks(sizes, dims, batches, args.devices or [jax.device_count()], chunk=args.chunk,
+                             dtype=args.dtype, steps=args.steps, torch=not args.no_torch,
+                             progress=lambda r: print(markdown_table([r]).splitlines()[-1], flush=True))
+    print(markdown_table(records))
+    write_results(records, args.json, args.markdown, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="esep-jax",
         description="Train searching modules <f(enc(q)), enc(d)> over frozen, precomputed embeddings.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_ingest, _add_train, _add_eval):
+    for add in (_add_ingest, _add_train, _add_eval, _add_bench):
         add(subparsers)
     return parser
 

@@ -49,8 +49,9 @@ class ShardedCorpus:
     `mask` marks the real rows that the softmax contrasts against (padding and excluded documents are False).
     """
 
-    def __init__(self, embeddings: np.ndarray, mesh: Mesh, chunk: int = 8192, dtype=jnp.float32,
+    def __init__(self, embeddings, mesh: Mesh, chunk: int = 8192, dtype=jnp.float32,
                  mask: np.ndarray | None = None):
+        """`embeddings`: anything sliceable by rows into numpy (an array, a memory map, a tensorstore)."""
         num_documents, self.dim = embeddings.shape
         shards = mesh.shape[CORPUS]
         per_shard = -(-num_documents // shards)
@@ -60,11 +61,23 @@ class ShardedCorpus:
         self.num_documents, self.mesh = num_documents, mesh
         full_mask = np.zeros(padded_rows, bool)
         full_mask[:num_documents] = True if mask is None else mask
-        padded = np.zeros((padded_rows, self.dim), np.float32)
-        padded[:num_documents] = embeddings
+        storage = np.dtype(dtype)
+
+        def rows(index) -> np.ndarray:
+            # Each device's block is read on its own, so the host never holds a padded copy of the corpus
+            # (and a process of a multi-host job reads only the rows of its own devices).
+            start, stop, _ = index[0].indices(padded_rows)
+            block = np.zeros((stop - start, self.dim), storage)
+            real_stop = min(stop, num_documents)
+            if start < real_stop:
+                values = embeddings[start:real_stop]
+                values = values.read().result() if hasattr(values, "read") else values
+                block[:real_stop - start] = np.asarray(values).astype(storage)
+            return block
+
         sharding = NamedSharding(mesh, P(CORPUS))
-        self.embeddings = jax.device_put(jnp.asarray(padded, dtype), sharding)
-        self.mask = jax.device_put(jnp.asarray(full_mask), sharding)
+        self.embeddings = jax.make_array_from_callback((padded_rows, self.dim), sharding, rows)
+        self.mask = jax.make_array_from_callback((padded_rows,), sharding, lambda index: full_mask[index])
 
     @property
     def nbytes(self) -> int:

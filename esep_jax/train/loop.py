@@ -141,8 +141,7 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     mesh = _training_mesh(tc)
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     corpus_dtype = jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32
-    host_corpus = dataset.read_corpus()
-    corpus = ShardedCorpus(host_corpus, mesh, tc.corpus_chunk, corpus_dtype,
+    corpus = ShardedCorpus(dataset.corpus_table(), mesh, tc.corpus_chunk, corpus_dtype,
                            mask=_negative_mask(config, dataset, train_qrels))
     head, optimizer, schedule = build_training(config, dataset)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
@@ -155,9 +154,9 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
         state = checkpointer.restore(start, abstract_like(state))
     start = int(start or 0)
     log = MetricsLog(workdir / METRICS_FILE, resume_step=start)
-    evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(host_corpus, config.eval.corpus_chunk, corpus_dtype),
-                               top_k=config.eval.top_k, query_chunk=config.eval.query_chunk,
-                               relevance_level=config.eval.relevance_level)
+    index = ExactIndex(dataset.read_corpus(), config.eval.corpus_chunk, corpus_dtype)
+    evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
+                               query_chunk=config.eval.query_chunk, relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
     if start == 0:
         state = _record_evaluation(state, 0, base_dev, tc, log, improved_over=-np.inf)

@@ -1,0 +1,155 @@
+"""`esep-jax bench train`: the full-corpus train step against the hardware's own matmul speed, and PyTorch.
+
+Every figure is a ratio measured in one run on one machine:
+- utilisation = the step's achieved FLOP/s, counting 4·B·N·d per step (scores, and the gradient to the queries;
+  the one-pass VJP recomputes nothing), ÷ the best FLOP/s of plain `[B, d] × [d, chunk]` matmuls over compute-bound
+  chunk sizes, timed here just before (a single `[B, N]` product would be memory-bound and flatter us);
+- pairs/s = B·N (query, document) pairs scored and differentiated per second;
+- peak bytes = what XLA's buffer assignment reserves for the compiled step (arguments + outputs + temporaries),
+  or the device's own peak counter where it has one; the corpus is part of it, the rest must stay O(B·chunk);
+- torch_ratio = our pairs/s ÷ those of the same loss written plainly in PyTorch (`torch_baseline.py`), run in a
+  subprocess with a memory cap so an out-of-memory is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esep_jax.config import Config
+from esep_jax.corpus_softmax import CORPUS, ShardedCorpus, make_data_corpus_mesh
+from esep_jax.models.heads import build_head
+from esep_jax.train.step import create_state, make_optimizer, make_train_step
+
+MATMUL_CHUNKS = (2048, 4096, 8192)
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops(batch: int, dim: int, dtype, repeats: int = 3, rows: int = 65536) -> float:
+    """The best FLOP/s of `[B, d] × [d, chunk]` products over compute-bound chunk sizes (scanned, no dispatch)."""
+    best = 0.0
+    queries = jnp.ones((batch, dim), dtype)
+    for chunk in MATMUL_CHUNKS:
+        blocks = jnp.ones((max(1, rows // chunk), chunk, dim), dtype)
+
+        @jax.jit
+        def products(queries, blocks):
+            def body(total, block):
+                return total + jnp.einsum("bd,nd->bn", queries, block, preferred_element_type=jnp.float32).sum(), None
+            return jax.lax.scan(body, jnp.zeros((), jnp.float32), blocks)[0]
+
+        seconds = _best_time(lambda: products(queries, blocks), repeats)
+        best = max(best, 2.0 * batch * dim * blocks.shape[0] * chunk / seconds)
+    return best
+
+
+def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, dtype: str = "float32",
+                 steps: int = 2, corpus_shards: int | None = None, seed: int = 0) -> dict:
+    """Times the real jitted train step (linear head, full-corpus softmax) on this process's devices."""
+    devices = jax.device_count()
+    mesh = make_data_corpus_mesh(corpus_shards or devices)
+    corpus_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    rng = np.random.default_rng(seed)
+    corpus_rows = rng.standard_normal((corpus_size, dim), dtype=np.float32)
+    corpus_rows /= np.linalg.norm(corpus_rows, axis=1, keepdims=True)
+    corpus = ShardedCorpus(corpus_rows, mesh, chunk=chunk, dtype=corpus_dtype)
+    del corpus_rows
+    config = Config()
+    config.train.batch_size, config.train.corpus_chunk = batch, chunk
+    head = build_head(config.model, dim)
+    optimizer, schedule = make_optimizer(config.optim, 1000)
+    step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch_arrays = jax.device_put({
+        "queries": rng.standard_normal((batch, dim), dtype=np.float32),
+        "positive_ids": rng.integers(0, corpus_size, (batch, 4)).astype(np.int32),
+        "positive_weights": np.ones((batch, 4), np.float32)}, sharding)
+    state = jax.device_put(create_state(head, optimizer, seed, dim),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    arguments = (batch_arrays, (corpus.embeddings, corpus.mask))
+    compiled = step.lower(state, *arguments).compile()
+    memory = compiled.memory_analysis()
+    static_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                   + memory.temp_size_in_bytes) if memory is not None else None
+
+    state, metrics = compiled(state, *arguments)
+    jax.block_until_ready(metrics)
+    best = float("inf")
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, *arguments)
+        jax.block_until_ready(metrics)
+        best = min(best, time.perf_counter() - start)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use", static_peak)
+    flops = 4.0 * batch * corpus_size * dim
+    # Per-device matmul speed × devices: the hardware limit the step is held against.
+    per_device_batch = batch // mesh.shape["data"]
+    peak_flops = matmul_flops(per_device_batch, dim, corpus_dtype) * devices
+    return {
+        "devices": devices, "mesh": dict(mesh.shape), "corpus_size": corpus_size, "dim": dim, "batch": batch,
+        "chunk": corpus.chunk, "dtype": dtype, "step_s": best, "flops_per_step": flops,
+        "achieved_flops": flops / best, "matmul_flops": peak_flops, "utilization": flops / best / peak_flops,
+        "pairs_per_s": batch * corpus_size / best, "peak_bytes": peak,
+        "corpus_bytes": corpus.nbytes // mesh.shape[CORPUS] * devices,
+        "workspace_bytes": None if peak is None else peak - corpus.nbytes,
+        "loss": float(metrics["loss"]), "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+    }
+
+
+def measure_in_subprocess(devices: int, **options) -> dict:
+    """`measure_step` under `JAX_NUM_CPU_DEVICES=devices` (the device count is fixed when JAX starts)."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices)}
+    code = ("import json, sys; from esep_jax.bench.train import measure_step; "
+            f"print('RESULT' + json.dumps(measure_step(**{options!r})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark on {devices} devices failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def run_benchmarks(corpus_sizes, dims, batches, device_counts, *, chunk: int, dtype: str, steps: int,
+                   torch: bool, torch_memory_fraction: float = 0.7, progress=None) -> list[dict]:
+    """Every (N, d, B, devices) combination; the PyTorch baseline once per (N, d, B)."""
+    from esep_jax.bench.torch_baseline import measure_torch
+
+    records = []
+    for corpus_size in corpus_sizes:
+        for dim in dims:
+            for batch in batches:
+                baseline = measure_torch(corpus_size, dim, batch, memory_fraction=torch_memory_fraction) \
+                    if torch else {"status": "skipped"}
+                for devices in device_counts:
+                    options = dict(corpus_size=corpus_size, dim=dim, batch=batch, chunk=chunk, dtype=dtype,
+                                   steps=steps)
+                    if devices == jax.device_count():
+                        record = measure_step(**options)
+                    else:
+                        record = measure_in_subprocess(devices, **options)
+                    record["torch_status"] = baseline["status"]
+                    record["torch_pairs_per_s"] = baseline.get("pairs_per_s")
+                    record["torch_peak_bytes"] = baseline.get("peak_bytes")
+                    record["torch_ratio"] = (record["pairs_per_s"] / baseline["pairs_per_s"]
+                                             if baseline.get("pairs_per_s") else None)
+                    records.append(record)
+                    if progress:
+                        progress(record)
+    return records

@@ -1,0 +1,35 @@
+"""`esep-jax bench train` on a small size: the figures it promises exist and are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from esep_jax.cli import main
+
+
+def test_bench_train_writes_json_markdown_and_plot(tmp_path):
+    pytest.importorskip("torch", reason="the PyTorch baseline needs torch")
+    paths = {kind: tmp_path / f"bench.{ext}" for kind, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
+    assert main(["bench", "train", "--corpus-size", "3000", "--dim", "32", "--batch", "256", "--chunk", "512",
+                 "--steps", "1", *[arg for kind, path in paths.items() for arg in (f"--{kind}", str(path))]]) == 0
+    result = json.loads(paths["json"].read_text())
+    for key in ("utilization", "pairs_per_s", "peak_bytes", "torch_ratio"):
+        assert result[key] is not None and result[key] > 0, key
+    assert result["achieved_flops"] == pytest.approx(4 * 256 * 3000 * 32 / result["step_s"])
+    assert result["pairs_per_s"] == pytest.approx(256 * 3000 / result["step_s"])
+    assert result["peak_bytes"] >= result["corpus_bytes"] >= 3000 * 32 * 4
+    assert result["torch_status"] == "ok" and len(result["records"]) == 1
+    assert "utilisation" in paths["markdown"].read_text()
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_over_device_counts_uses_one_process_per_count(tmp_path):
+    path = tmp_path / "b.json"
+    assert main(["bench", "train", "--corpus-size", "2000", "--dim", "16", "--batch", "64", "--chunk", "256",
+                 "--steps", "1", "--devices", "1,2", "--no-torch", "--json", str(path)]) == 0
+    records = json.loads(path.read_text())["records"]
+    assert [r["devices"] for r in records] == [1, 2]
+    assert records[1]["mesh"] == {"data": 1, "corpus": 2}
+    assert records[0]["torch_status"] == "skipped" and records[0]["torch_ratio"] is None
