@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from esep_jax.config import Config
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from esep_jax.corpus_softmax import CORPUS, ShardedCorpus, make_data_corpus_mesh
 from esep_jax.models.heads import build_head
 from esep_jax.train.step import create_state, make_optimizer, make_train_step
@@ -41,21 +43,28 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def matmul_flops(batch: int, dim: int, dtype, repeats: int = 3, rows: int = 65536) -> float:
-    """The best FLOP/s of `[B, d] × [d, chunk]` products over compute-bound chunk sizes (scanned, no dispatch)."""
+def matmul_flops(batch_per_device: int, dim: int, dtype, mesh, repeats: int = 3, rows: int = 65536) -> float:
+    """The best FLOP/s of `[b, d] × [d, chunk]` products run on every device of `mesh` at once, over
+    compute-bound chunk sizes (scanned inside one program, so no dispatch overhead). Running all devices
+    together matters where "devices" share hardware, as CPU devices share cores."""
+    every = P(tuple(mesh.axis_names))
+    devices = mesh.devices.size
     best = 0.0
-    queries = jnp.ones((batch, dim), dtype)
+    queries = jax.device_put(jnp.ones((devices * batch_per_device, dim), dtype), NamedSharding(mesh, every))
     for chunk in MATMUL_CHUNKS:
-        blocks = jnp.ones((max(1, rows // chunk), chunk, dim), dtype)
+        num_blocks = max(1, rows // chunk)
+        blocks = jax.device_put(jnp.ones((devices * num_blocks, chunk, dim), dtype), NamedSharding(mesh, every))
 
-        @jax.jit
-        def products(queries, blocks):
+        def local_products(queries, blocks):
             def body(total, block):
                 return total + jnp.einsum("bd,nd->bn", queries, block, preferred_element_type=jnp.float32).sum(), None
-            return jax.lax.scan(body, jnp.zeros((), jnp.float32), blocks)[0]
+            start = jax.lax.pcast(jnp.zeros((), jnp.float32), tuple(mesh.axis_names), to="varying")
+            total = jax.lax.scan(body, start, blocks)[0]
+            return total[None]
 
+        products = jax.jit(jax.shard_map(local_products, mesh=mesh, in_specs=(every, every), out_specs=every))
         seconds = _best_time(lambda: products(queries, blocks), repeats)
-        best = max(best, 2.0 * batch * dim * blocks.shape[0] * chunk / seconds)
+        best = max(best, 2.0 * devices * batch_per_device * dim * num_blocks * chunk / seconds)
     return best
 
 
@@ -75,13 +84,12 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
     head = build_head(config.model, dim)
     optimizer, schedule = make_optimizer(config.optim, 1000)
     step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharding = NamedSharding(mesh, P("data"))
     batch_arrays = jax.device_put({
         "queries": rng.standard_normal((batch, dim), dtype=np.float32),
         "positive_ids": rng.integers(0, corpus_size, (batch, 4)).astype(np.int32),
         "positive_weights": np.ones((batch, 4), np.float32)}, sharding)
-    state = jax.device_put(create_state(head, optimizer, seed, dim),
-                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    state = jax.device_put(create_state(head, optimizer, seed, dim), NamedSharding(mesh, P()))
     arguments = (batch_arrays, (corpus.embeddings, corpus.mask))
     compiled = step.lower(state, *arguments).compile()
     memory = compiled.memory_analysis()
@@ -99,9 +107,8 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", static_peak)
     flops = 4.0 * batch * corpus_size * dim
-    # Per-device matmul speed × devices: the hardware limit the step is held against.
-    per_device_batch = batch // mesh.shape["data"]
-    peak_flops = matmul_flops(per_device_batch, dim, corpus_dtype) * devices
+    # The step's per-device matmuls are [B / data, d] × [d, chunk]: the same shapes, on all devices at once.
+    peak_flops = matmul_flops(batch // mesh.shape["data"], dim, corpus_dtype, mesh)
     return {
         "devices": devices, "mesh": dict(mesh.shape), "corpus_size": corpus_size, "dim": dim, "batch": batch,
         "chunk": corpus.chunk, "dtype": dtype, "step_s": best, "flops_per_step": flops,
