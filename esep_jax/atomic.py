@@ -47,6 +47,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary result files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

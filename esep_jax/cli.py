@@ -12,6 +12,13 @@ import sys
 from esep_jax.errors import EXIT_BAD_INPUT, InputError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `esep-jax: error: …` line and exit status 2 like any bad input."""
+
+    def error(self, message: str):
+        raise InputError(f"{message} (see `{self.prog} --help`)")
+
+
 def _add_ingest(subparsers) -> None:
     parser = subparsers.add_parser(
         "ingest", help="build a dataset from .npy embeddings + ids + qrels, or from BEIR text + an encoder",
@@ -168,7 +175,7 @@ def _run_bench_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="esep-jax",
         description="Train searching modules <f(enc(q)), enc(d)> over frozen, precomputed embeddings.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except FloatingPointError as error:
+    except (FloatingPointError, RuntimeError) as error:
+        from esep_jax.train.checkpoint import CheckpointWriteError
+
+        if not isinstance(error, (FloatingPointError, CheckpointWriteError)):
+            raise
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -91,3 +91,47 @@ def nfcorpus_dataset(tmp_path_factory) -> str:
         os.chdir(cwd)
     assert code == 0
     return str(out)
+
+
+def final_train_state(workdir: Path, dataset_path: str):
+    """(step, state) of the newest checkpoint in a run's workdir, restored as the trainer would."""
+    import jax
+
+    from esep_jax.data.dataset import Dataset
+    from esep_jax.train.checkpoint import Checkpointer, abstract_like, read_run_config
+    from esep_jax.train.loop import build_training, initial_state
+
+    config = read_run_config(workdir)
+    dataset = Dataset(dataset_path)
+    head, optimizer, _ = build_training(config, dataset)
+    checkpointer = Checkpointer(workdir)
+    step, state = checkpointer.restore_newest_valid(abstract_like(jax.eval_shape(
+        lambda: initial_state(config, dataset, head, optimizer))))
+    checkpointer.close()
+    return step, state
+
+
+def assert_states_equal(a, b) -> None:
+    """Bitwise equality of two train states."""
+    import jax
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> str:
+    """The bundled demo data, ingested as launch/demo.sh does."""
+    from esep_jax.cli import main
+
+    demo = REPO / "esep_jax" / "demo_data" / "pystdlib"
+    out = tmp_path_factory.mktemp("demo") / "dataset"
+    args = ["ingest", "--out", str(out), "--corpus", str(demo / "minilm/corpus.npy"),
+            "--corpus-ids", str(demo / "minilm/corpus_ids.txt"), "--queries", str(demo / "minilm/queries.npy"),
+            "--query-ids", str(demo / "minilm/queries_ids.txt"), "--name", "pystdlib"]
+    for split in ("train", "dev", "test"):
+        args += ["--qrels", f"{split}={demo / 'qrels' / f'{split}.tsv'}"]
+    assert main(args) == 0
+    return str(out)

@@ -9,29 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import final_train_state
 from esep_jax.cli import main
-from esep_jax.config import load_config
-from esep_jax.data.dataset import Dataset
-from esep_jax.train.checkpoint import Checkpointer, abstract_like
-from esep_jax.train.loop import build_training, initial_state
 
 FAST = ["--config.train.num_steps=60", "--config.train.eval_every=20", "--config.train.checkpoint_every=20",
         "--config.train.batch_size=32", "--config.train.log_every=10", "--config.optim.warmup_steps=5",
         "--config.train.patience=100", "--no-progress"]
-
-
-def _final_state(workdir: Path, dataset_path: str):
-    config = load_config(None)
-    from esep_jax.train.checkpoint import read_run_config
-    config = read_run_config(workdir)
-    dataset = Dataset(dataset_path)
-    head, optimizer, _ = build_training(config, dataset)
-    checkpointer = Checkpointer(workdir)
-    step = checkpointer.latest_step()
-    state = checkpointer.restore(step, abstract_like(jax.eval_shape(
-        lambda: initial_state(config, dataset, head, optimizer))))
-    checkpointer.close()
-    return step, state
 
 
 @pytest.mark.parametrize("loss, head", [("full_corpus", "linear"), ("in_batch", "lowrank"), ("full_corpus", "mlp")])
@@ -80,10 +63,10 @@ def test_interrupted_run_resumes_to_identical_parameters(synthetic_dataset, tmp_
             "--config.model.dropout=0.1"]
     assert main([*base, "--workdir", str(tmp_path / "straight")]) == 0
     assert main([*base, "--workdir", str(tmp_path / "resumed"), "--stop-at-step", "33"]) == 0
-    step, _ = _final_state(tmp_path / "resumed", synthetic_dataset)
+    step, _ = final_train_state(tmp_path / "resumed", synthetic_dataset)
     assert step == 33
     assert main([*base, "--workdir", str(tmp_path / "resumed")]) == 0
-    (step_a, a), (step_b, b) = (_final_state(tmp_path / name, synthetic_dataset) for name in ("straight", "resumed"))
+    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("straight", "resumed"))
     assert step_a == step_b == 60
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

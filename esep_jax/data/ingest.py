@@ -56,7 +56,7 @@ def load_embeddings(path: str, ids: list[str], ids_path: str) -> np.ndarray:
     """Memory-maps a `.npy` of shape [len(ids), d] and checks dtype, shape and finiteness."""
     try:
         values = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:
         raise InputError(f"not a readable .npy array: {error}", file=path) from None
     check_embeddings(values, ids, path, ids_path)
     return values

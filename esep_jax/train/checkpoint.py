@@ -7,18 +7,28 @@ from the run's saved config, so parameters come back with the right shapes, dtyp
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from esep_jax.atomic import atomic_write_text
 from esep_jax.config import Config, read_config
 from esep_jax.errors import InputError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "run.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, a lost mount); earlier ones are intact."""
 
 
 class Checkpointer:
@@ -29,8 +39,10 @@ class Checkpointer:
             preservation_policy=checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=True,
             create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that a crash or a full disk interrupted
         )
-        self.manager = ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -39,18 +51,84 @@ class Checkpointer:
         """Starts an asynchronous save of `state` at `step` (a no-op if that step is already saved)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._seal_finished()
+        try:
+            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as error:
+            raise self._write_error(error) from None
+
+    def _write_error(self, error: Exception) -> CheckpointWriteError:
+        reason = " ".join(str(error).split())
+        if "os_error_code" in reason:  # tensorstore's messages end with the OS's own words
+            reason = reason[reason.rfind(": ", 0, reason.rfind("[os_error_code")) + 2:]
+        return CheckpointWriteError(f"could not write a checkpoint under {self.directory}: {reason[:300]} "
+                                    f"(earlier checkpoints are intact; free space and rerun to resume)")
+
+    def _seal_finished(self) -> None:
+        """Records sha256 checksums of every committed checkpoint that has none yet.
+
+        Orbax writes raw array bytes without checksums, so a flipped bit would restore silently; the sums
+        let `restore_newest_valid` tell a damaged checkpoint from a good one. Waiting here costs nothing
+        new: orbax waits for the previous save before it starts the next one anyway.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(error) from None
+        steps = set(self.manager.all_steps())
+        for stale in self.directory.glob(".*.sha256.json"):  # sums of checkpoints the policy has deleted
+            if int(stale.name.split(".")[1]) not in steps:
+                stale.unlink(missing_ok=True)
+        for step in steps:
+            record = self._checksum_file(step)
+            if not record.exists():
+                atomic_write_text(record, json.dumps(_checksums(self.directory / str(step)), indent=0))
+
+    def _checksum_file(self, step: int) -> Path:
+        return self.directory / f".{step}.sha256.json"
+
+    def _verify(self, step: int) -> None:
+        record = self._checksum_file(step)
+        if record.exists() and json.loads(record.read_text()) != _checksums(self.directory / str(step)):
+            raise ValueError("checksum mismatch")
 
     def restore(self, step: int, abstract_state):
         """Restores the state saved at `step` into the structure and shardings of `abstract_state`."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_newest_valid(self, abstract_state):
+        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+
+        A newest checkpoint that is truncated or corrupted (a crash, a full disk, a bad copy) is moved aside to
+        `corrupted_checkpoints/` with a warning, and the one before it is used: a resumed run recomputes the
+        lost steps exactly, since batches and keys are functions of the step.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self._verify(step)
+                return step, self.restore(step, abstract_state)
+            except Exception as error:  # orbax/tensorstore raise many types for damaged files
+                aside = self.directory.parent / "corrupted_checkpoints" / f"{step}-{int(time.time())}"
+                aside.parent.mkdir(exist_ok=True)
+                shutil.move(str(self.directory / str(step)), aside)
+                self._checksum_file(step).unlink(missing_ok=True)
+                self.manager.reload()
+                reason = " ".join(str(error).split())[:200]
+                sys.stderr.write(f"esep-jax: warning: checkpoint at step {step} is unreadable ({reason}); "
+                                 f"moved to {aside}, falling back to an earlier one\n")
+        return None, None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._seal_finished()
         self.manager.close()
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def abstract_like(state):

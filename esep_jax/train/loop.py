@@ -30,6 +30,7 @@ from esep_jax.eval.retrieval import ExactIndex
 from esep_jax.models.heads import build_head
 from esep_jax.train.checkpoint import CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like, read_run_config
 from esep_jax.train.metrics_log import MetricsLog
+from esep_jax.train.workdir_lock import workdir_lock
 from esep_jax.train.step import TrainState, create_state, make_optimizer, make_train_step
 
 SUMMARY_FILE = "summary.json"
@@ -66,12 +67,11 @@ def load_best_head(workdir: str | Path, dataset: Dataset):
     config = read_run_config(workdir)
     head, optimizer, _ = build_training(config, dataset)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise InputError("no checkpoint yet", file=str(Path(workdir) / "checkpoints"))
     abstract = abstract_like(jax.eval_shape(lambda: initial_state(config, dataset, head, optimizer)))
-    state = checkpointer.restore(step, abstract)
+    step, state = checkpointer.restore_newest_valid(abstract)
     checkpointer.close()
+    if step is None:
+        raise InputError("no readable checkpoint", file=str(Path(workdir) / "checkpoints"))
     return config, head, state.best_params, int(state.best_step)
 
 
@@ -127,14 +127,24 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress: bool = True,
                        stop_at_step: int | None = None) -> dict:
+    """Trains a head on `data` in `workdir`, holding the workdir's lock (see `_train`)."""
+    workdir = Path(workdir)
+    dataset = Dataset(data)  # bad data is refused before the workdir is touched
+    splits = split_for_training(dataset, config)
+    if jax.process_index() != 0:  # one lock per workdir; process 0 speaks for a multi-host job
+        return _train(config, data, dataset, splits, workdir, progress, stop_at_step)
+    with workdir_lock(workdir):
+        return _train(config, data, dataset, splits, workdir, progress, stop_at_step)
+
+
+def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, progress: bool,
+           stop_at_step: int | None) -> dict:
     """Trains a head on `data`, keeps the best on dev, checkpoints into `workdir`; returns the summary.
 
     `stop_at_step` ends this invocation early (with a checkpoint) without changing the run: for jobs cut into
     time slices. Rerunning in the same workdir continues where it stopped.
     """
-    workdir = Path(workdir)
-    dataset = Dataset(data)
-    train_qrels, dev_qrels, dev_name = split_for_training(dataset, config)
+    train_qrels, dev_qrels, dev_name = splits
     _prepare_workdir(workdir, config, data)
     tc = config.train
 
@@ -149,9 +159,8 @@ def train_and_evaluate(config: Config, data: str, workdir: str | Path, progress:
     state = jax.device_put(initial_state(config, dataset, head, optimizer), replicated)
 
     checkpointer = Checkpointer(workdir, tc.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state = checkpointer.restore(start, abstract_like(state))
+    start, restored = checkpointer.restore_newest_valid(abstract_like(state))
+    state = state if restored is None else restored
     start = int(start or 0)
     log = MetricsLog(workdir / METRICS_FILE, resume_step=start)
     index = ExactIndex(dataset.read_corpus(), config.eval.corpus_chunk, corpus_dtype)
