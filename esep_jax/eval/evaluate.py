@@ -39,7 +39,7 @@ class SplitEvaluator:
         self.top_k, self.query_chunk, self.relevance_level = top_k, query_chunk, relevance_level
         self.cutoffs = tuple(k for k in cutoffs if k <= max(top_k, 1))
         self.queries = dataset.read_queries(qrels.query_rows)
-        self._doc_id_rank = doc_id_ranks(dataset.ids("corpus"))
+        self.doc_id_rank = doc_id_ranks(dataset.ids("corpus"))
 
     def rank(self, transform: QueryTransform | None = None) -> Ranking:
         """Retrieves for every judged query (through `transform` if given) and scores the run."""
@@ -49,14 +49,14 @@ class SplitEvaluator:
                 np.asarray(transform(vectors[start:start + self.query_chunk]))
                 for start in range(0, len(vectors), self.query_chunk)])
         rows, scores = self.index.search(vectors, self.top_k, self.query_chunk)
-        per_query = per_query_metrics(rows, scores, self.qrels, self._doc_id_rank, self.cutoffs,
+        per_query = per_query_metrics(rows, scores, self.qrels, self.doc_id_rank, self.cutoffs,
                                       self.relevance_level)
         return Ranking(rows, scores, per_query, mean_metrics(per_query))
 
     def write_trec_run(self, ranking: Ranking, path: str | Path, run_name: str) -> None:
         """Writes `qid Q0 docid rank score run_name` lines, ranked the way trec_eval reads them."""
         query_ids, doc_ids = self.dataset.ids("queries"), self.dataset.ids("corpus")
-        order = trec_order(ranking.scores, ranking.doc_rows, self._doc_id_rank)
+        order = trec_order(ranking.scores, ranking.doc_rows, self.doc_id_rank)
         lines = []
         for i, query_row in enumerate(self.qrels.query_rows):
             for rank, j in enumerate(order[i], start=1):

@@ -6,14 +6,54 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from esep_jax.atomic import atomic_write_text
 from esep_jax.config import EvalConfig
-from esep_jax.data.dataset import Dataset
-from esep_jax.eval.evaluate import SplitEvaluator
+from esep_jax.data.dataset import Dataset, Qrels
+from esep_jax.eval.evaluate import Ranking, SplitEvaluator
+from esep_jax.eval.metrics import mean_metrics, per_query_metrics
 from esep_jax.eval.retrieval import ExactIndex
 
 HEADLINE = ("ndcg@10", "mrr@10", "recall@100", "map@100")
+
+
+def documents_relevant_in(dataset: Dataset, split: str, relevance_level: int = 1) -> np.ndarray | None:
+    """[N] bool: documents relevant to some query of `split` (None if the dataset has no such split)."""
+    if split not in dataset.manifest["splits"]:
+        return None
+    qrels = dataset.qrels(split)
+    seen = np.zeros(dataset.num_documents, bool)
+    seen[qrels.doc_rows[qrels.grades >= relevance_level]] = True
+    return seen
+
+
+def unseen_relevant_view(ranking: Ranking, qrels: Qrels, seen: np.ndarray, relevance_level: int):
+    """The run and qrels restricted to relevant documents never relevant in training.
+
+    Per query, only its unseen relevant documents count as relevant; its seen relevant documents are taken out
+    of the ranking (they are neither right nor wrong here), while every other document stays — so a head that
+    learnt to rank training positives above everything else is caught. Returns (doc_rows, scores, qrels,
+    query mask) over the queries that have at least one unseen relevant document.
+    """
+    keep, parts, scores = [], [], ranking.scores.copy()
+    for i in range(qrels.num_queries):
+        docs, grades = qrels.judgements(i)
+        relevant = grades >= relevance_level
+        hidden = docs[relevant & seen[docs]]
+        unseen = relevant & ~seen[docs]
+        if unseen.any():
+            keep.append(i)
+            parts.append((docs[~(relevant & seen[docs])], grades[~(relevant & seen[docs])]))
+            scores[i, np.isin(ranking.doc_rows[i], hidden)] = -np.inf
+    keep = np.array(keep, dtype=np.int64)
+    lengths = np.array([len(d) for d, _ in parts], dtype=np.int64)
+    view = Qrels(qrels.query_rows[keep], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                 np.concatenate([d for d, _ in parts] or [np.zeros(0)]).astype(np.int32),
+                 np.concatenate([g for _, g in parts] or [np.zeros(0)]).astype(np.int32))
+    return ranking.doc_rows[keep], scores[keep], view, keep
+
+
 
 
 def evaluate_split(data: str, split: str, workdir: str | None = None, eval_config: EvalConfig | None = None,
@@ -44,6 +84,19 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
         final = evaluator.rank(apply_head)
         result.update(head=final.metrics, run=head_info)
     result.update({name: final.metrics[name] for name in final.metrics})
+    seen = None if split == "train" else documents_relevant_in(dataset, "train", eval_config.relevance_level)
+    if seen is not None:
+        systems = {"base": base, **({"head": final} if head_info is not None else {})}
+        entry = {}
+        for system, ranking in systems.items():
+            rows, scores, view, keep = unseen_relevant_view(ranking, dataset.qrels(split), seen,
+                                                            eval_config.relevance_level)
+            if len(keep):
+                entry["queries"] = len(keep)
+                entry[system] = mean_metrics(per_query_metrics(rows, scores, view, evaluator.doc_id_rank,
+                                                               evaluator.cutoffs, eval_config.relevance_level))
+        if entry:
+            result["subsets"] = {"unseen_relevant": entry}
     if run_path:
         evaluator.write_trec_run(final, run_path, "esep_jax-head" if head_info else "esep_jax-base")
     return result
@@ -61,6 +114,12 @@ def format_table(result: dict, names=HEADLINE) -> str:
         if with_head:
             line += f"{result['head'][name]:>9.4f}{result['head'][name] - result['base'][name]:>+9.4f}"
         lines.append(line)
+    for subset, entry in result.get("subsets", {}).items():
+        line = f"{'ndcg@10':<12}{entry['base']['ndcg@10']:>9.4f}"
+        if "head" in entry:
+            line += f"{entry['head']['ndcg@10']:>9.4f}{entry['head']['ndcg@10'] - entry['base']['ndcg@10']:>+9.4f}"
+        lines.append(f"{line}   {subset}: {entry['queries']} queries, counting only relevant documents "
+                     "never relevant in train")
     return "\n".join(lines)
 
 
