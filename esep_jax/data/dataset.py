@@ -105,13 +105,17 @@ class Qrels:
 
     def subset(self, indices: np.ndarray) -> "Qrels":
         """The qrels of the given queries (indices into this split), in that order."""
-        parts = [self.judgements(int(i)) for i in indices]
-        lengths = np.array([len(d) for d, _ in parts], dtype=np.int64)
+        return Qrels.from_lists(self.query_rows[indices], [self.judgements(int(i)) for i in indices])
+
+    @staticmethod
+    def from_lists(query_rows, judgements: list[tuple[np.ndarray, np.ndarray]]) -> "Qrels":
+        """CSR qrels from per-query (doc_rows, grades) pairs."""
+        lengths = np.array([len(docs) for docs, _ in judgements], dtype=np.int64)
         return Qrels(
-            query_rows=self.query_rows[indices].astype(np.int32),
+            query_rows=np.asarray(query_rows, dtype=np.int32),
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            doc_rows=np.concatenate([d for d, _ in parts] or [np.zeros(0)]).astype(np.int32),
-            grades=np.concatenate([g for _, g in parts] or [np.zeros(0)]).astype(np.int32),
+            doc_rows=np.concatenate([d for d, _ in judgements] or [np.zeros(0)]).astype(np.int32),
+            grades=np.concatenate([g for _, g in judgements] or [np.zeros(0)]).astype(np.int32),
         )
 
 

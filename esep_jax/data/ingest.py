@@ -120,14 +120,10 @@ def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]
         per_query.setdefault(key[0], {})[key[1]] = grade
     if not any(grade > 0 for docs in per_query.values() for grade in docs.values()):
         raise InputError("empty split: no judgement with score > 0", file=path)
-    query_rows = np.array(sorted(per_query), dtype=np.int32)
-    lengths = np.array([len(per_query[q]) for q in query_rows], dtype=np.int64)
-    return Qrels(
-        query_rows=query_rows,
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        doc_rows=np.array([d for q in query_rows for d in per_query[q]], dtype=np.int32),
-        grades=np.array([g for q in query_rows for g in per_query[q].values()], dtype=np.int32),
-    )
+    query_rows = sorted(per_query)
+    return Qrels.from_lists(query_rows, [(np.fromiter(per_query[q].keys(), np.int32, len(per_query[q])),
+                                          np.fromiter(per_query[q].values(), np.int32, len(per_query[q])))
+                                         for q in query_rows])
 
 
 def parse_qrels_args(specs: list[str]) -> dict[str, str]:

@@ -47,10 +47,7 @@ def unseen_relevant_view(ranking: Ranking, qrels: Qrels, seen: np.ndarray, relev
             parts.append((docs[~(relevant & seen[docs])], grades[~(relevant & seen[docs])]))
             scores[i, np.isin(ranking.doc_rows[i], hidden)] = -np.inf
     keep = np.array(keep, dtype=np.int64)
-    lengths = np.array([len(d) for d, _ in parts], dtype=np.int64)
-    view = Qrels(qrels.query_rows[keep], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                 np.concatenate([d for d, _ in parts] or [np.zeros(0)]).astype(np.int32),
-                 np.concatenate([g for _, g in parts] or [np.zeros(0)]).astype(np.int32))
+    view = Qrels.from_lists(qrels.query_rows[keep], parts)
     return ranking.doc_rows[keep], scores[keep], view, keep
 
 

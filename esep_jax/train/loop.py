@@ -151,7 +151,8 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     mesh = _training_mesh(tc)
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     corpus_dtype = jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32
-    corpus = ShardedCorpus(dataset.corpus_table(), mesh, tc.corpus_chunk, corpus_dtype,
+    host_corpus = dataset.read_corpus()  # read once: the train step's sharded copy and the dev index
+    corpus = ShardedCorpus(host_corpus, mesh, tc.corpus_chunk, corpus_dtype,
                            mask=_negative_mask(config, dataset, train_qrels))
     head, optimizer, schedule = build_training(config, dataset)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
@@ -163,7 +164,8 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     state = state if restored is None else restored
     start = int(start or 0)
     log = MetricsLog(workdir / METRICS_FILE, resume_step=start)
-    index = ExactIndex(dataset.read_corpus(), config.eval.corpus_chunk, corpus_dtype)
+    index = ExactIndex(host_corpus, config.eval.corpus_chunk, corpus_dtype)
+    del host_corpus
     evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
                                query_chunk=config.eval.query_chunk, relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
