@@ -85,17 +85,33 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--stop-at-step", type=int, default=None, metavar="N",
                         help="checkpoint and exit after step N (the run itself is unchanged; rerun to continue)")
+    group = parser.add_argument_group("multi-process jobs (see launch/)")
+    group.add_argument("--distributed", choices=("off", "auto", "explicit"), default=None,
+                       help="auto: let JAX detect Slurm/TPU/MPI/Kubernetes; explicit: use the flags below "
+                            "(default: explicit when a coordinator is set, else off)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="or ESEP_COORDINATOR")
+    group.add_argument("--num-processes", type=int, default=None, help="or ESEP_NUM_PROCESSES")
+    group.add_argument("--process-id", type=int, default=None, help="or ESEP_PROCESS_ID")
+    group.add_argument("--heartbeat-timeout", type=int, default=30, metavar="SECONDS",
+                       help="a peer silent this long is dead: the job fails instead of hanging")
     parser.set_defaults(handler=_run_train)
 
 
 def _run_train(args) -> int:
     from esep_jax.config import load_config
     from esep_jax.eval.report import HEADLINE
+    from esep_jax.train import distributed
     from esep_jax.train.loop import train_and_evaluate
 
     config = load_config(args.config, args.config_overrides)
+    distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id,
+                           args.heartbeat_timeout)
+    import jax
+
     summary = train_and_evaluate(config, args.data, args.workdir, progress=not args.no_progress,
                                  stop_at_step=args.stop_at_step)
+    if jax.process_index() != 0:
+        return 0
     print(f"dev split: {summary['dev_split']}; steps {summary['steps']}, best step {summary['best_step']}"
           + (" (stopped early)" if summary["stopped_early"] else "")
           + (" (paused: rerun the same command to resume)" if summary["interrupted"] else ""))
@@ -216,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FloatingPointError, RuntimeError) as error:
-        from esep_jax.train.checkpoint import CheckpointWriteError
+        from esep_jax.train.checkpoint import CheckpointRestoreError, CheckpointWriteError
 
-        if not isinstance(error, (FloatingPointError, CheckpointWriteError)):
+        if not isinstance(error, (FloatingPointError, CheckpointWriteError, CheckpointRestoreError)):
             raise
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return 1

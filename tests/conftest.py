@@ -98,15 +98,15 @@ def final_train_state(workdir: Path, dataset_path: str):
     import jax
 
     from esep_jax.data.dataset import Dataset
-    from esep_jax.train.checkpoint import Checkpointer, abstract_like, read_run_config
+    from esep_jax.train.checkpoint import Checkpointer, abstract_on_one_device, read_run_config
     from esep_jax.train.loop import build_training, initial_state
 
     config = read_run_config(workdir)
     dataset = Dataset(dataset_path)
     head, optimizer, _ = build_training(config, dataset)
     checkpointer = Checkpointer(workdir)
-    step, state = checkpointer.restore_newest_valid(abstract_like(jax.eval_shape(
-        lambda: initial_state(config, dataset, head, optimizer))))
+    step, state = checkpointer.restore_newest_valid(abstract_on_one_device(jax.eval_shape(
+        lambda: initial_state(config, dataset, head, optimizer))), move_damaged=False)
     checkpointer.close()
     return step, state
 

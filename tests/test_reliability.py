@@ -83,7 +83,8 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(demo_dataset, refer
     Path(newest).write_bytes(bytes(data))
     capsys.readouterr()
     assert main(_train_args(demo_dataset, workdir)) == 0
-    assert "checkpoint at step 40 is unreadable" in capsys.readouterr().err
+    assert "checkpoint at step 40 is damaged (sha256 mismatch" in capsys.readouterr().err
+    assert list((workdir / "corrupted_checkpoints").iterdir())
     step, state = final_train_state(workdir, demo_dataset)
     assert step == 150
     assert_states_equal(state, reference[1][1])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from esep_jax.atomic import atomic_write_text
@@ -29,6 +30,10 @@ RUN_INFO_FILE = "run.json"
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a quota, a lost mount); earlier ones are intact."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """An intact checkpoint does not fit the state it is restored into (another config or structure)."""
 
 
 class Checkpointer:
@@ -75,6 +80,8 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as error:
             raise self._write_error(error) from None
+        if jax.process_index() != 0:
+            return
         steps = set(self.manager.all_steps())
         for stale in self.directory.glob(".*.sha256.json"):  # sums of checkpoints the policy has deleted
             if int(stale.name.split(".")[1]) not in steps:
@@ -87,36 +94,58 @@ class Checkpointer:
     def _checksum_file(self, step: int) -> Path:
         return self.directory / f".{step}.sha256.json"
 
-    def _verify(self, step: int) -> None:
+    def _damage(self, step: int) -> str | None:
+        """Why checkpoint `step` is damaged, or None if its files match their recorded sums (or none exist)."""
         record = self._checksum_file(step)
-        if record.exists() and json.loads(record.read_text()) != _checksums(self.directory / str(step)):
-            raise ValueError("checksum mismatch")
+        if not record.exists():
+            return None  # committed by orbax but not yet sealed (the trainer was killed): trust the commit
+        expected, actual = json.loads(record.read_text()), _checksums(self.directory / str(step))
+        changed = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+        return f"sha256 mismatch in {', '.join(changed[:3])}" if changed else None
 
     def restore(self, step: int, abstract_state):
         """Restores the state saved at `step` into the structure and shardings of `abstract_state`."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
-    def restore_newest_valid(self, abstract_state):
-        """(step, state) of the newest checkpoint that restores, or (None, None) when there is none.
+    def restore_newest_valid(self, abstract_state, move_damaged: bool = True):
+        """(step, state) of the newest checkpoint whose files match their checksums, or (None, None).
 
-        A newest checkpoint that is truncated or corrupted (a crash, a full disk, a bad copy) is moved aside to
-        `corrupted_checkpoints/` with a warning, and the one before it is used: a resumed run recomputes the
-        lost steps exactly, since batches and keys are functions of the step.
+        A checkpoint whose files no longer match the sha256 sums recorded after it was written (a bad disk, a
+        truncated copy) is skipped with a warning — and, for a trainer, moved aside to `corrupted_checkpoints/`
+        — and the one before it is used: a resumed run recomputes the lost steps exactly, since batches and
+        keys are functions of the step. A checkpoint that is intact but does not restore (another config or
+        structure) is an error, never a reason to move anything.
         """
+        damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                self._verify(step)
-                return step, self.restore(step, abstract_state)
-            except Exception as error:  # orbax/tensorstore raise many types for damaged files
-                aside = self.directory.parent / "corrupted_checkpoints" / f"{step}-{int(time.time())}"
+            problem = self._damage(step)
+            if problem is None:
+                break
+            damaged.append((step, problem))
+        else:
+            step = None
+        if damaged and move_damaged and jax.process_index() == 0:  # all processes saw the same files
+            for bad_step, _ in damaged:
+                aside = self.directory.parent / "corrupted_checkpoints" / f"{bad_step}-{int(time.time())}"
                 aside.parent.mkdir(exist_ok=True)
-                shutil.move(str(self.directory / str(step)), aside)
-                self._checksum_file(step).unlink(missing_ok=True)
-                self.manager.reload()
-                reason = " ".join(str(error).split())[:200]
-                sys.stderr.write(f"esep-jax: warning: checkpoint at step {step} is unreadable ({reason}); "
-                                 f"moved to {aside}, falling back to an earlier one\n")
-        return None, None
+                shutil.move(str(self.directory / str(bad_step)), aside)
+                self._checksum_file(bad_step).unlink(missing_ok=True)
+        for bad_step, problem in damaged:
+            sys.stderr.write(f"esep-jax: warning: checkpoint at step {bad_step} is damaged ({problem}); "
+                             f"{'moved to corrupted_checkpoints/, ' if move_damaged else ''}"
+                             "falling back to an earlier one\n")
+        if damaged and move_damaged:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("esep_jax: damaged checkpoints moved aside")
+            self.manager.reload()
+        if step is None:
+            return None, None
+        try:
+            return step, self.restore(step, abstract_state)
+        except Exception as error:
+            reason = " ".join(str(error).split())[:300]
+            raise CheckpointRestoreError(f"checkpoint at step {step} in {self.directory} is intact but does not "
+                                         f"restore into this run's state: {reason}") from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -129,6 +158,14 @@ class Checkpointer:
 def _checksums(directory: Path) -> dict[str, str]:
     return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def abstract_on_one_device(abstract_state):
+    """An abstract state (e.g. from `jax.eval_shape`) placed on this process's first device, to restore a
+    checkpoint whatever topology wrote it."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract_state)
 
 
 def abstract_like(state):

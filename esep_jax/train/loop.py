@@ -9,6 +9,7 @@ same workdir resumes from the newest checkpoint and ends bit-identical to an uni
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from pathlib import Path
@@ -28,7 +29,8 @@ from esep_jax.errors import InputError
 from esep_jax.eval.evaluate import SplitEvaluator
 from esep_jax.eval.retrieval import ExactIndex
 from esep_jax.models.heads import build_head
-from esep_jax.train.checkpoint import CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like, read_run_config
+from esep_jax.train.checkpoint import (CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like,
+                                      abstract_on_one_device, read_run_config)
 from esep_jax.train.metrics_log import MetricsLog
 from esep_jax.train.workdir_lock import workdir_lock
 from esep_jax.train.step import TrainState, create_state, make_optimizer, make_train_step
@@ -67,8 +69,8 @@ def load_best_head(workdir: str | Path, dataset: Dataset):
     config = read_run_config(workdir)
     head, optimizer, _ = build_training(config, dataset)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    abstract = abstract_like(jax.eval_shape(lambda: initial_state(config, dataset, head, optimizer)))
-    step, state = checkpointer.restore_newest_valid(abstract)
+    abstract = abstract_on_one_device(jax.eval_shape(lambda: initial_state(config, dataset, head, optimizer)))
+    step, state = checkpointer.restore_newest_valid(abstract, move_damaged=False)  # eval only reads
     checkpointer.close()
     if step is None:
         raise InputError("no readable checkpoint", file=str(Path(workdir) / "checkpoints"))
@@ -99,6 +101,8 @@ class _StopRequest:
 
 
 def _prepare_workdir(workdir: Path, config: Config, data: str) -> None:
+    if jax.process_index() != 0:  # process 0 writes the run's files for the whole job
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     info = {"data": str(Path(data).absolute()) if "://" not in data else data}
     config_path, info_path = workdir / CONFIG_FILE, workdir / RUN_INFO_FILE
@@ -163,14 +167,22 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     start, restored = checkpointer.restore_newest_valid(abstract_like(state))
     state = state if restored is None else restored
     start = int(start or 0)
-    log = MetricsLog(workdir / METRICS_FILE, resume_step=start)
+    log = MetricsLog(workdir / METRICS_FILE, resume_step=start, enabled=jax.process_index() == 0)
     index = ExactIndex(host_corpus, config.eval.corpus_chunk, corpus_dtype)
     del host_corpus
     evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
                                query_chunk=config.eval.query_chunk, relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
+    # Jitted with the state's own shardings, so the record stays a global array on every process.
+    record = jax.jit(functools.partial(record_evaluation, patience=tc.patience), donate_argnums=(0,),
+                     out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
+
+    def evaluate_and_record(state, step, metrics):
+        log.write(step, "dev", metrics)
+        return record(state, np.float32(metrics[tc.select_metric]), np.int32(step))
+
     if start == 0:
-        state = _record_evaluation(state, 0, base_dev, tc, log, improved_over=-np.inf)
+        state = evaluate_and_record(state, 0, base_dev)
         checkpointer.save(0, state)
 
     batches = TrainBatches(dataset, train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
@@ -205,7 +217,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
                 sums, count = None, 0
             if eval_due:
                 dev = evaluator.rank(lambda q: apply_head(state.params, q)).metrics
-                state = _record_evaluation(state, step, dev, tc, log, improved_over=float(state.best_score))
+                state = evaluate_and_record(state, step, dev)
                 stopped = bool(state.stopped)
                 bar.set_postfix(dev=f"{dev[tc.select_metric]:.4f}", best=f"{float(state.best_score):.4f}")
             if save_due or stopped:
@@ -223,7 +235,8 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
         "stopped_early": stopped, "interrupted": interrupted,
         "base_dev": base_dev, "best_dev": best_dev,
     }
-    atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    if jax.process_index() == 0:
+        atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -249,17 +262,16 @@ def _negative_mask(config: Config, dataset: Dataset, train_qrels: Qrels) -> np.n
     return mask
 
 
-def _record_evaluation(state: TrainState, step: int, metrics: dict, tc, log: MetricsLog,
-                       improved_over: float) -> TrainState:
-    """Logs a dev evaluation and updates the early-stopping record held in the state."""
-    # Compare in float32, the precision the record is kept in, so a tie never counts as an improvement.
-    score = np.float32(metrics[tc.select_metric])
-    log.write(step, "dev", metrics)
-    if score > np.float32(improved_over):
-        return state.replace(best_params=jax.tree.map(jnp.copy, state.params),
-                             best_score=jnp.asarray(score, jnp.float32), best_step=jnp.asarray(step, jnp.int32),
-                             evals_since_best=jnp.zeros((), jnp.int32))
-    stale = int(state.evals_since_best) + 1
-    return state.replace(evals_since_best=jnp.asarray(stale, jnp.int32),
-                         stopped=jnp.asarray(stale >= tc.patience))
+def record_evaluation(state: TrainState, score: jax.Array, step: jax.Array, patience: int) -> TrainState:
+    """The early-stopping update for a dev score, as a pure function (jit it with the state's shardings).
 
+    Scores are compared in float32, the precision the record is kept in, so a tie never counts as an
+    improvement; the first evaluation (best_score = -inf) always does.
+    """
+    improved = score > state.best_score
+    stale = jnp.where(improved, 0, state.evals_since_best + 1)
+    return state.replace(
+        best_params=jax.tree.map(lambda best, now: jnp.where(improved, now, best), state.best_params, state.params),
+        best_score=jnp.where(improved, score, state.best_score),
+        best_step=jnp.where(improved, step, state.best_step),
+        evals_since_best=stale, stopped=state.stopped | (stale >= patience))

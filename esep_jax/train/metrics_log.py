@@ -15,8 +15,12 @@ from esep_jax.atomic import atomic_write_text
 class MetricsLog:
     """Append-only JSON-lines metrics, rewound on resume."""
 
-    def __init__(self, path: Path | str, resume_step: int = 0):
-        self.path = Path(path)
+    def __init__(self, path: Path | str, resume_step: int = 0, enabled: bool = True):
+        """`enabled=False` (every process but 0 of a multi-process job) makes writes no-ops."""
+        self.path, self.enabled = Path(path), enabled
+        self._handle = None
+        if not enabled:
+            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= resume_step]
@@ -25,6 +29,8 @@ class MetricsLog:
 
     def write(self, step: int, kind: str, values: dict) -> None:
         """Writes `{"step": step, "kind": kind, **values}`; non-finite floats become null (valid JSON)."""
+        if not self.enabled:
+            return
         record = {"step": int(step), "kind": kind}
         for name, value in values.items():
             value = float(value) if hasattr(value, "__float__") else value
@@ -33,7 +39,8 @@ class MetricsLog:
         self._handle.flush()
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def _step_of(line: str) -> int:

@@ -1,0 +1,100 @@
+"""Multi-process training on JAX's distributed runtime (gloo on CPU): same result as one process, a dead
+peer fails the job instead of hanging it, and SIGTERM checkpoints and exits for an exact relaunch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, assert_states_equal, final_train_state
+
+RUN = ["--config.train.num_steps=30", "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
+       "--config.train.batch_size=32", "--config.train.patience=100", "--config.optim.learning_rate=1e-2",
+       "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(dataset: str, workdir: Path, devices: int, extra=(), process=None, processes=None, port=None):
+    args = [sys.executable, "-m", "esep_jax", "train", "--data", dataset, "--workdir", str(workdir), *RUN, *extra]
+    if processes:
+        args += ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(process),
+                 "--heartbeat-timeout", "10"]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(synthetic_dataset, tmp_path):
+    single = _launch(synthetic_dataset, tmp_path / "single", 4)
+    assert single.wait(timeout=300) == 0, single.stderr.read()
+    port = _free_port()
+    workers = [_launch(synthetic_dataset, tmp_path / "multi", 2, process=i, processes=2, port=port) for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read()
+    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("single", "multi"))
+    assert step_a == step_b == 30
+    import jax
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "multi")]
+    for name, value in summaries[0]["best_dev"].items():
+        assert summaries[1]["best_dev"][name] == pytest.approx(value, abs=1e-6)
+    # Only process 0 writes the run's files: one line per logged step.
+    records = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == len({(r["step"], r["kind"]) for r in records})
+
+
+def test_a_dead_process_fails_the_job_within_bounded_time(synthetic_dataset, tmp_path):
+    port = _free_port()
+    workers = [_launch(synthetic_dataset, tmp_path / "run", 2, ["--config.train.num_steps=100000",
+                                                                 "--config.train.eval_every=100000"],
+                       process=i, processes=2, port=port) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / "0").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    workers[1].send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    try:
+        code = workers[0].wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        workers[0].kill()
+        pytest.fail("the surviving process hung after its peer died")
+    assert code != 0
+    assert time.monotonic() - started < 90
+    stderr = workers[0].stderr.read()
+    assert any(word in stderr.lower() for word in ("heartbeat", "unavailable", "connection", "terminated",
+                                                   "failed", "error")), stderr[-2000:]
+
+
+def test_sigterm_checkpoints_and_a_relaunch_ends_identical(synthetic_dataset, tmp_path):
+    reference = _launch(synthetic_dataset, tmp_path / "reference", 1, ["--config.train.num_steps=400"])
+    assert reference.wait(timeout=300) == 0
+    run = _launch(synthetic_dataset, tmp_path / "run", 1, ["--config.train.num_steps=400"])
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / "10").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert run.wait(timeout=60) == 0
+    assert time.monotonic() - started < 30  # promptly
+    stdout = run.stdout.read()
+    assert "rerun the same command to resume" in stdout or "steps 400" in stdout
+    relaunch = _launch(synthetic_dataset, tmp_path / "run", 1, ["--config.train.num_steps=400"])
+    assert relaunch.wait(timeout=300) == 0
+    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("reference", "run"))
+    assert step_a == step_b == 400
+    assert_states_equal(a, b)
