@@ -98,3 +98,13 @@ def test_sigterm_checkpoints_and_a_relaunch_ends_identical(synthetic_dataset, tm
     (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("reference", "run"))
     assert step_a == step_b == 400
     assert_states_equal(a, b)
+
+
+def test_launch_script_runs_a_two_process_job_from_a_file_url(synthetic_dataset, tmp_path):
+    """launch/multiprocess_cpu.sh, with the dataset given as a URL: the kvstore path cloud URLs take too."""
+    done = subprocess.run(["bash", str(REPO / "launch" / "multiprocess_cpu.sh"), "2", "1",
+                           "--data", f"file://{synthetic_dataset}", "--workdir", str(tmp_path / "run"), *RUN],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert final_train_state(tmp_path / "run", synthetic_dataset)[0] == 30
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == f"file://{synthetic_dataset}"
