@@ -98,6 +98,47 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class EnsembleConfig:
+    """Members trained together in one compiled program (a leading member axis on parameters and optimiser
+    state). Member i starts from seed `train.seed + i`. A per-member field is a comma-separated list with one
+    value per member; empty means every member uses the base value from its section."""
+
+    members: int = 1
+    learning_rate: str = ""  # e.g. "1e-3,3e-4,1e-4"; base: optim.learning_rate
+    weight_decay: str = ""  # base: optim.weight_decay
+    temperature: str = ""  # base: loss.temperature
+    recovery_weight: str = ""  # base: loss.recovery_weight
+    dropout: str = ""  # base: model.dropout (mlp heads)
+    # After training, members are combined by greedy ensemble selection on dev (Caruana et al., 2004):
+    # "greedy", or "mean" for the plain mean of all members' query vectors.
+    combine: str = "greedy"
+
+
+PER_MEMBER = {"learning_rate": "optim.learning_rate", "weight_decay": "optim.weight_decay",
+              "temperature": "loss.temperature", "recovery_weight": "loss.recovery_weight",
+              "dropout": "model.dropout"}
+
+
+def member_values(config: "Config") -> dict[str, list[float]]:
+    """Every per-member hyperparameter as a list of `ensemble.members` floats."""
+    members = config.ensemble.members
+    values = {}
+    for name, base in PER_MEMBER.items():
+        text = getattr(config.ensemble, name).strip()
+        if not text:
+            values[name] = [float(_get(config, base))] * members
+            continue
+        try:
+            parsed = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise InputError(f"expected comma-separated numbers, got {text!r}", field=f"config.ensemble.{name}") from None
+        if len(parsed) != members:
+            raise InputError(f"{len(parsed)} values for {members} members", field=f"config.ensemble.{name}")
+        values[name] = parsed
+    return values
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a run needs besides its data and workdir."""
 
@@ -106,6 +147,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
 
 
 CHOICES = {
@@ -114,6 +156,7 @@ CHOICES = {
     "loss.negatives": ("all", "judged"),
     "loss.grade_weighting": ("linear", "uniform"),
     "train.corpus_dtype": ("float32", "bfloat16"),
+    "ensemble.combine": ("greedy", "mean"),
 }
 
 
@@ -125,7 +168,7 @@ def validate(config: Config) -> Config:
             raise InputError(f"must be one of {', '.join(allowed)}, got {value!r}", field=f"config.{dotted}")
     positive = ["loss.temperature", "train.batch_size", "train.num_steps", "train.eval_every",
                 "train.checkpoint_every", "train.log_every", "eval.top_k", "loss.max_positives",
-                "train.corpus_shards", "train.corpus_chunk",
+                "train.corpus_shards", "train.corpus_chunk", "ensemble.members",
                 "optim.learning_rate", "train.keep_checkpoints", "eval.query_chunk", "eval.corpus_chunk"]
     for dotted in positive:
         if not _get(config, dotted) > 0:
@@ -142,6 +185,11 @@ def validate(config: Config) -> Config:
     if micro and micro != config.train.batch_size and config.loss.kind == "in_batch":
         raise InputError("in-batch negatives span the whole batch: micro-batching needs loss.kind=full_corpus",
                          field="config.train.micro_batch_size")
+    values = member_values(config)
+    if min(values["temperature"]) <= 0 or min(values["learning_rate"]) <= 0:
+        raise InputError("temperatures and learning rates must be > 0", field="config.ensemble")
+    if not all(0 <= rate < 1 for rate in values["dropout"]):
+        raise InputError("dropout rates must be in [0, 1)", field="config.ensemble.dropout")
     if config.loss.z_loss < 0:
         raise InputError("must be >= 0", field="config.loss.z_loss")
     if not 0.0 < config.train.holdout_fraction < 1.0:

@@ -126,7 +126,17 @@ def _local_positive_sum(corpus, targets, positive_ids):
 
 
 def _forward_shard(queries, corpus, mask, positive_ids, targets, *, temperature, z_loss, chunk):
-    """Per-device forward: the per-query loss and its gradient with respect to the (unscaled) queries."""
+    """Per-device forward: the per-query loss and its gradient with respect to the (unscaled) queries.
+
+    `queries` may carry a leading member axis `[E, b, d]` (an ensemble sharing the batch's positives); the
+    members are folded into the rows of one scan, so the corpus is read once for all of them.
+    """
+    if queries.ndim == 3:
+        members, rows = queries.shape[0], queries.shape[1]
+        loss, gradient = _forward_shard(
+            queries.reshape(members * rows, -1), corpus, mask, jnp.tile(positive_ids, (members, 1)),
+            jnp.tile(targets, (members, 1)), temperature=temperature, z_loss=z_loss, chunk=chunk)
+        return loss.reshape(members, rows), gradient.reshape(queries.shape)
     scaled = queries.astype(jnp.float32) / temperature
     local_max, local_normaliser, local_sum = _scan_local_corpus(scaled, corpus, mask, chunk)
     global_max = jax.lax.pmax(local_max, CORPUS)
@@ -142,17 +152,20 @@ def _forward_shard(queries, corpus, mask, positive_ids, targets, *, temperature,
 
 
 def make_corpus_softmax_loss(mesh: Mesh, *, temperature: float, z_loss: float = 0.0, chunk: int = 8192):
-    """Builds `loss(query_vectors [B, d], corpus: ShardedCorpus arrays, positive_ids, positive_weights) -> [B]`.
+    """Builds `loss(query_vectors [(E,) B, d], corpus: ShardedCorpus arrays, positive_ids, positive_weights)`,
+    returning per-query losses `[(E,) B]`.
 
     Returns per-query losses equal to `losses.full_corpus_softmax_loss` (plus the optional z-loss), with a
     custom VJP that reuses the gradient computed in the forward pass. Queries must be sharded (or shardable)
     over the mesh's `data` axis; the corpus arrays come from `ShardedCorpus`.
     """
     forward_shard = functools.partial(_forward_shard, temperature=temperature, z_loss=z_loss, chunk=chunk)
-    sharded_forward = jax.shard_map(
-        forward_shard, mesh=mesh,
-        in_specs=(P(DATA), P(CORPUS), P(CORPUS), P(DATA), P(DATA)),
-        out_specs=(P(DATA), P(DATA)))
+
+    def sharded_forward(query_vectors, corpus, mask, positive_ids, targets):
+        # Queries [B, d], or [E, B, d] for an ensemble: the batch axis is the one split over `data`.
+        spec = P(DATA) if query_vectors.ndim == 2 else P(None, DATA)
+        return jax.shard_map(forward_shard, mesh=mesh, in_specs=(spec, P(CORPUS), P(CORPUS), P(DATA), P(DATA)),
+                             out_specs=(spec, spec))(query_vectors, corpus, mask, positive_ids, targets)
 
     @jax.custom_vjp
     def loss(query_vectors, corpus, mask, positive_ids, targets):
@@ -164,7 +177,7 @@ def make_corpus_softmax_loss(mesh: Mesh, *, temperature: float, z_loss: float = 
 
     def loss_backward(gradient, cotangent):
         # The corpus, mask, ids and targets are data, not parameters: no cotangent flows to them.
-        return (cotangent[:, None] * gradient, None, None, None, None)
+        return (cotangent[..., None] * gradient, None, None, None, None)
 
     loss.defvjp(loss_forward, loss_backward)
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from esep_jax.atomic import atomic_write_text
 
-COLUMNS = [("devices", "dev", "{}"), ("corpus_size", "N", "{:,}"), ("dim", "d", "{}"), ("batch", "B", "{:,}"),
+COLUMNS = [("devices", "dev", "{}"), ("members", "E", "{}"), ("corpus_size", "N", "{:,}"), ("dim", "d", "{}"), ("batch", "B", "{:,}"),
            ("dtype", "dtype", "{}"), ("step_s", "step s", "{:.3f}"), ("achieved_flops", "GFLOP/s", "{:.0f}"),
            ("utilization", "utilisation", "{:.2f}"), ("pairs_per_s", "pairs/s", "{:.3g}"),
            ("peak_bytes", "peak MiB", "{:.0f}"), ("corpus_bytes", "corpus MiB", "{:.0f}"),
-           ("torch_ratio", "× torch", "{:.1f}"), ("torch_status", "torch", "{}")]
+           ("per_member_cost", "cost/member", "{:.2f}"), ("torch_ratio", "× torch", "{:.1f}"),
+           ("torch_status", "torch", "{}")]
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
@@ -55,10 +56,11 @@ def plot(records: list[dict], path: str) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     groups: dict[tuple, list[dict]] = {}
     for record in records:
-        groups.setdefault((record["dim"], record["batch"], record["devices"], record["dtype"]), []).append(record)
-    for (dim, batch, devices, dtype), rows in sorted(groups.items()):
+        key = (record["dim"], record["batch"], record["devices"], record["dtype"], record.get("members", 1))
+        groups.setdefault(key, []).append(record)
+    for (dim, batch, devices, dtype, members), rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: r["corpus_size"])
-        label = f"d={dim} B={batch} dev={devices} {dtype}"
+        label = f"d={dim} B={batch} dev={devices} {dtype}" + (f" E={members}" if members > 1 else "")
         sizes = [r["corpus_size"] for r in rows]
         left.plot(sizes, [r["utilization"] for r in rows], marker="o", label=label)
         right.plot(sizes, [r["pairs_per_s"] for r in rows], marker="o", label=label)

@@ -13,6 +13,7 @@ Every figure is a ratio measured in one run on one machine:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -69,8 +70,11 @@ def matmul_flops(batch_per_device: int, dim: int, dtype, mesh, repeats: int = 3,
 
 
 def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, dtype: str = "float32",
-                 steps: int = 2, corpus_shards: int | None = None, seed: int = 0) -> dict:
-    """Times the real jitted train step (linear head, full-corpus softmax) on this process's devices."""
+                 steps: int = 2, corpus_shards: int | None = None, seed: int = 0, members: int = 1) -> dict:
+    """Times the real jitted train step (linear heads, full-corpus softmax) on this process's devices.
+
+    With `members` > 1 the step trains an ensemble: every member scores the batch against the corpus, so the
+    work — and the FLOPs counted — grow by the number of members."""
     devices = jax.device_count()
     mesh = make_data_corpus_mesh(corpus_shards or devices)
     corpus_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -80,7 +84,7 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
     corpus = ShardedCorpus(corpus_rows, mesh, chunk=chunk, dtype=corpus_dtype)
     del corpus_rows
     config = Config()
-    config.train.batch_size, config.train.corpus_chunk = batch, chunk
+    config.train.batch_size, config.train.corpus_chunk, config.ensemble.members = batch, chunk, members
     head = build_head(config.model, dim)
     optimizer, schedule = make_optimizer(config.optim, 1000)
     step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
@@ -89,7 +93,7 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
         "queries": rng.standard_normal((batch, dim), dtype=np.float32),
         "positive_ids": rng.integers(0, corpus_size, (batch, 4)).astype(np.int32),
         "positive_weights": np.ones((batch, 4), np.float32)}, sharding)
-    state = jax.device_put(create_state(head, optimizer, seed, dim), NamedSharding(mesh, P()))
+    state = jax.device_put(create_state(head, optimizer, seed, dim, members), NamedSharding(mesh, P()))
     arguments = (batch_arrays, (corpus.embeddings, corpus.mask))
     compiled = step.lower(state, *arguments).compile()
     memory = compiled.memory_analysis()
@@ -106,17 +110,18 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
         best = min(best, time.perf_counter() - start)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", static_peak)
-    flops = 4.0 * batch * corpus_size * dim
-    # The step's per-device matmuls are [B / data, d] × [d, chunk]: the same shapes, on all devices at once.
-    peak_flops = matmul_flops(batch // mesh.shape["data"], dim, corpus_dtype, mesh)
+    flops = 4.0 * members * batch * corpus_size * dim
+    # The step's per-device matmuls are [E·B / data, d] × [d, chunk]: the same shapes, on all devices at once.
+    peak_flops = matmul_flops(members * batch // mesh.shape["data"], dim, corpus_dtype, mesh)
     return {
-        "devices": devices, "mesh": dict(mesh.shape), "corpus_size": corpus_size, "dim": dim, "batch": batch,
+        "devices": devices, "mesh": dict(mesh.shape), "members": members, "corpus_size": corpus_size, "dim": dim,
+        "batch": batch,
         "chunk": corpus.chunk, "dtype": dtype, "step_s": best, "flops_per_step": flops,
         "achieved_flops": flops / best, "matmul_flops": peak_flops, "utilization": flops / best / peak_flops,
-        "pairs_per_s": batch * corpus_size / best, "peak_bytes": peak,
+        "pairs_per_s": members * batch * corpus_size / best, "peak_bytes": peak,
         "corpus_bytes": corpus.nbytes // mesh.shape[CORPUS] * devices,
         "workspace_bytes": None if peak is None else peak - corpus.nbytes,
-        "loss": float(metrics["loss"]), "backend": jax.default_backend(),
+        "loss": float(metrics["loss"].mean()), "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
     }
 
@@ -134,29 +139,33 @@ def measure_in_subprocess(devices: int, **options) -> dict:
 
 
 def run_benchmarks(corpus_sizes, dims, batches, device_counts, *, chunk: int, dtype: str, steps: int,
-                   torch: bool, torch_memory_fraction: float = 0.7, progress=None) -> list[dict]:
-    """Every (N, d, B, devices) combination; the PyTorch baseline once per (N, d, B)."""
+                   torch: bool, torch_memory_fraction: float = 0.7, progress=None, members=(1,)) -> list[dict]:
+    """Every (N, d, B, devices, members) combination; the PyTorch baseline once per (N, d, B).
+
+    Where a single head and an ensemble of E are both measured, the ensemble's record gets
+    `per_member_cost` = (its step time / E) ÷ the single head's step time."""
     from esep_jax.bench.torch_baseline import measure_torch
 
     records = []
-    for corpus_size in corpus_sizes:
-        for dim in dims:
-            for batch in batches:
-                baseline = measure_torch(corpus_size, dim, batch, memory_fraction=torch_memory_fraction) \
-                    if torch else {"status": "skipped"}
-                for devices in device_counts:
-                    options = dict(corpus_size=corpus_size, dim=dim, batch=batch, chunk=chunk, dtype=dtype,
-                                   steps=steps)
-                    if devices == jax.device_count():
-                        record = measure_step(**options)
-                    else:
-                        record = measure_in_subprocess(devices, **options)
-                    record["torch_status"] = baseline["status"]
-                    record["torch_pairs_per_s"] = baseline.get("pairs_per_s")
-                    record["torch_peak_bytes"] = baseline.get("peak_bytes")
-                    record["torch_ratio"] = (record["pairs_per_s"] / baseline["pairs_per_s"]
-                                             if baseline.get("pairs_per_s") else None)
-                    records.append(record)
-                    if progress:
-                        progress(record)
+    for corpus_size, dim, batch in itertools.product(corpus_sizes, dims, batches):
+        baseline = measure_torch(corpus_size, dim, batch, memory_fraction=torch_memory_fraction) \
+            if torch else {"status": "skipped"}
+        for devices in device_counts:
+            single = None
+            for member_count in members:
+                options = dict(corpus_size=corpus_size, dim=dim, batch=batch, chunk=chunk, dtype=dtype,
+                               steps=steps, members=member_count)
+                record = measure_step(**options) if devices == jax.device_count() else \
+                    measure_in_subprocess(devices, **options)
+                if member_count == 1:
+                    single = record
+                elif single is not None:
+                    record["per_member_cost"] = record["step_s"] / member_count / single["step_s"]
+                torch_pairs = baseline.get("pairs_per_s") if member_count == 1 else None
+                record.update(torch_status=baseline["status"], torch_pairs_per_s=baseline.get("pairs_per_s"),
+                              torch_peak_bytes=baseline.get("peak_bytes"),
+                              torch_ratio=record["pairs_per_s"] / torch_pairs if torch_pairs else None)
+                records.append(record)
+                if progress:
+                    progress(record)
     return records

@@ -48,6 +48,10 @@ class SplitEvaluator:
             vectors = np.concatenate([
                 np.asarray(transform(vectors[start:start + self.query_chunk]))
                 for start in range(0, len(vectors), self.query_chunk)])
+        return self.rank_vectors(vectors)
+
+    def rank_vectors(self, vectors: np.ndarray) -> Ranking:
+        """Retrieves with ready-made query vectors, one per judged query (in `self.queries` order)."""
         rows, scores = self.index.search(vectors, self.top_k, self.query_chunk)
         per_query = per_query_metrics(rows, scores, self.qrels, self.doc_id_rank, self.cutoffs,
                                       self.relevance_level)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from esep_jax.atomic import atomic_write_text
@@ -60,15 +59,16 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
     The top-level metrics are those of the head when one is given, else of the base; both systems are
     included under `base` and `head`. With `run_path`, the evaluated system's run is written in TREC format.
     """
-    from esep_jax.train.loop import load_best_head  # training imports stay off the eval-only path
+    from esep_jax.train.loop import load_best_head, query_transform  # training stays off the eval-only path
 
     dataset = Dataset(data)
     head_info = None
     if workdir is not None:
-        run_config, head, params, best_step = load_best_head(workdir, dataset)
+        run_config, head, params, weights, best_steps = load_best_head(workdir, dataset)
         eval_config = eval_config or run_config.eval
-        apply_head = jax.jit(lambda queries: head.apply({"params": params}, queries))
-        head_info = {"workdir": str(workdir), "best_step": best_step, "head": run_config.model.head}
+        apply_head = query_transform(head, params, weights)
+        head_info = {"workdir": str(workdir), "best_step": best_steps.tolist(), "head": run_config.model.head,
+                     "members": len(weights), "weights": weights.tolist()}
     eval_config = eval_config or EvalConfig()
     evaluator = SplitEvaluator(dataset, dataset.qrels(split), ExactIndex(dataset.read_corpus(),
                                eval_config.corpus_chunk), top_k=eval_config.top_k,

@@ -35,7 +35,7 @@ class LinearHead(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, queries: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, queries: jax.Array, train: bool = False, dropout_rate=None) -> jax.Array:
         residual = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros, use_bias=self.use_bias,
                             name="residual")(queries)
         return base_projection(queries, self.output_dim) + residual
@@ -48,7 +48,7 @@ class LowRankHead(nn.Module):
     rank: int
 
     @nn.compact
-    def __call__(self, queries: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, queries: jax.Array, train: bool = False, dropout_rate=None) -> jax.Array:
         down = nn.Dense(self.rank, use_bias=False, name="down",
                         kernel_init=nn.initializers.orthogonal())(queries)
         up = nn.Dense(self.output_dim, use_bias=False, kernel_init=nn.initializers.zeros, name="up")(down)
@@ -64,9 +64,13 @@ class ResidualMLPHead(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, queries: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, queries: jax.Array, train: bool = False, dropout_rate=None) -> jax.Array:
         hidden = nn.gelu(nn.Dense(self.hidden_dim, name="hidden")(queries))
-        hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
+        if train:
+            # The rate may be traced (one per ensemble member), so dropout is written out rather than nn.Dropout.
+            rate = self.dropout if dropout_rate is None else dropout_rate
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, hidden.shape)
+            hidden = jnp.where(keep, hidden / (1.0 - rate), 0.0)
         out = nn.Dense(self.output_dim, kernel_init=nn.initializers.zeros, use_bias=self.use_bias,
                        name="out")(hidden)
         return base_projection(queries, self.output_dim) + out

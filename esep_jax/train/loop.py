@@ -25,6 +25,7 @@ from esep_jax.config import Config, save_config, to_dict
 from esep_jax.corpus_softmax import DATA, ShardedCorpus, make_data_corpus_mesh
 from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.data.loader import TrainBatches
+from esep_jax.ensemble import combine, greedy_selection
 from esep_jax.errors import InputError
 from esep_jax.eval.evaluate import SplitEvaluator
 from esep_jax.eval.retrieval import ExactIndex
@@ -33,9 +34,10 @@ from esep_jax.train.checkpoint import (CONFIG_FILE, RUN_INFO_FILE, Checkpointer,
                                       abstract_on_one_device, read_run_config)
 from esep_jax.train.metrics_log import MetricsLog
 from esep_jax.train.workdir_lock import workdir_lock
-from esep_jax.train.step import TrainState, create_state, make_optimizer, make_train_step
+from esep_jax.train.step import TrainState, apply_members, create_state, make_optimizer, make_train_step
 
 SUMMARY_FILE = "summary.json"
+ENSEMBLE_FILE = "ensemble.json"  # the combination weights chosen on dev
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -61,11 +63,11 @@ def build_training(config: Config, dataset: Dataset):
 
 
 def initial_state(config: Config, dataset: Dataset, head, optimizer) -> TrainState:
-    return create_state(head, optimizer, config.train.seed, dataset.query_dim)
+    return create_state(head, optimizer, config.train.seed, dataset.query_dim, config.ensemble.members)
 
 
 def load_best_head(workdir: str | Path, dataset: Dataset):
-    """(config, head, best params, best step) of the run in `workdir`, from its newest checkpoint."""
+    """(config, head, members' best params [E, ...], combination weights [E], best steps [E]) of a run."""
     config = read_run_config(workdir)
     head, optimizer, _ = build_training(config, dataset)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
@@ -74,7 +76,16 @@ def load_best_head(workdir: str | Path, dataset: Dataset):
     checkpointer.close()
     if step is None:
         raise InputError("no readable checkpoint", file=str(Path(workdir) / "checkpoints"))
-    return config, head, state.best_params, int(state.best_step)
+    weights_file = Path(workdir) / ENSEMBLE_FILE
+    weights = (np.asarray(json.loads(weights_file.read_text())["weights"], np.float32) if weights_file.exists()
+               else np.full(config.ensemble.members, 1.0 / config.ensemble.members, np.float32))
+    return config, head, state.best_params, weights, np.asarray(state.best_step)
+
+
+def query_transform(head, member_params, weights):
+    """The combined head as a jitted function of query embeddings: `Σ_m w_m f_m(q)`."""
+    weights = jnp.asarray(weights)
+    return jax.jit(lambda queries: combine(apply_members(head, member_params, queries), weights))
 
 
 class _StopRequest:
@@ -160,7 +171,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
                            mask=_negative_mask(config, dataset, train_qrels))
     head, optimizer, schedule = build_training(config, dataset)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
-    apply_head = jax.jit(lambda params, queries: head.apply({"params": params}, queries))
+    member_vectors = jax.jit(lambda params, queries: apply_members(head, params, queries))
     state = jax.device_put(initial_state(config, dataset, head, optimizer), replicated)
 
     checkpointer = Checkpointer(workdir, tc.keep_checkpoints)
@@ -177,12 +188,18 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     record = jax.jit(functools.partial(record_evaluation, patience=tc.patience), donate_argnums=(0,),
                      out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
 
-    def evaluate_and_record(state, step, metrics):
-        log.write(step, "dev", metrics)
-        return record(state, np.float32(metrics[tc.select_metric]), np.int32(step))
+    def evaluate_and_record(state, step):
+        """Evaluates every member on dev (one line each in the log) and updates their records."""
+        vectors = np.asarray(member_vectors(state.params, evaluator.queries))
+        scores = []
+        for member, member_vectors_now in enumerate(vectors):
+            metrics = evaluator.rank_vectors(member_vectors_now).metrics
+            log.write(step, "dev", metrics if len(vectors) == 1 else {"member": member, **metrics})
+            scores.append(metrics[tc.select_metric])
+        return record(state, np.asarray(scores, np.float32), np.int32(step)), max(scores)
 
     if start == 0:
-        state = evaluate_and_record(state, 0, base_dev)
+        state, _ = evaluate_and_record(state, 0)
         checkpointer.save(0, state)
 
     batches = TrainBatches(dataset, train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
@@ -190,7 +207,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
                            relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
                            shard_index=jax.process_index(), shard_count=jax.process_count())
     # Early stopping is decided on the host at evaluations; mirroring it here keeps the hot loop sync-free.
-    stopped = bool(state.stopped)
+    stopped = bool(np.all(state.stopped))
     step, interrupted, sums, count = start, False, None, 0
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step", disable=not progress, leave=False)
     with _StopRequest() as stop:
@@ -207,8 +224,11 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
             save_due = eval_due or halt or step % tc.checkpoint_every == 0
             # Metrics are fetched only at log steps — and before every save, so no checkpoint holds NaNs.
             if step % tc.log_every == 0 or save_due:
-                means = {name: float(value) / count for name, value in sums.items()}
-                if not np.isfinite(means["loss"]):
+                per_member = {name: np.asarray(value) / count for name, value in sums.items()}
+                means = {name: float(value.mean()) for name, value in per_member.items()}
+                if len(per_member["loss"]) > 1:
+                    means["member_loss"] = per_member["loss"].tolist()
+                if not np.isfinite(per_member["loss"]).all():
                     checkpointer.close()
                     raise FloatingPointError(f"non-finite loss between steps {step - count + 1} and {step}; "
                                              f"the last good checkpoint is kept in {workdir}")
@@ -216,10 +236,9 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
                 bar.set_postfix(loss=f"{means['loss']:.4f}")
                 sums, count = None, 0
             if eval_due:
-                dev = evaluator.rank(lambda q: apply_head(state.params, q)).metrics
-                state = evaluate_and_record(state, step, dev)
-                stopped = bool(state.stopped)
-                bar.set_postfix(dev=f"{dev[tc.select_metric]:.4f}", best=f"{float(state.best_score):.4f}")
+                state, dev = evaluate_and_record(state, step)
+                stopped = bool(np.all(state.stopped))
+                bar.set_postfix(dev=f"{dev:.4f}", best=f"{float(np.max(state.best_score)):.4f}")
             if save_due or stopped:
                 checkpointer.save(step, state)
             if halt or stopped:
@@ -229,13 +248,22 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     checkpointer.close()
     log.close()
 
-    best_dev = evaluator.rank(lambda q: apply_head(state.best_params, q)).metrics
+    best_vectors = np.asarray(member_vectors(state.best_params, evaluator.queries))
+    member_dev = [evaluator.rank_vectors(v).metrics for v in best_vectors]
+    if config.ensemble.combine == "greedy" and len(best_vectors) > 1:
+        weights, _ = greedy_selection(best_vectors, lambda v: evaluator.rank_vectors(v).metrics[tc.select_metric])
+    else:
+        weights = np.full(len(best_vectors), 1.0 / len(best_vectors))
+    best_dev = evaluator.rank_vectors(combine(best_vectors, weights.astype(np.float32))).metrics
+    best_steps = np.asarray(state.best_step).tolist()
     summary = {
-        "dev_split": dev_name, "steps": step, "best_step": int(state.best_step),
-        "stopped_early": stopped, "interrupted": interrupted,
-        "base_dev": base_dev, "best_dev": best_dev,
+        "dev_split": dev_name, "steps": step, "best_step": best_steps[0] if len(best_steps) == 1 else best_steps,
+        "stopped_early": stopped, "interrupted": interrupted, "base_dev": base_dev, "best_dev": best_dev,
+        "members": len(best_steps), "weights": weights.tolist(),
+        "member_dev": [{name: m[name] for name in ("ndcg@10", "mrr@10", "recall@100")} for m in member_dev],
     }
     if jax.process_index() == 0:
+        atomic_write_text(workdir / ENSEMBLE_FILE, json.dumps({"weights": weights.tolist()}) + "\n")
         atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -268,10 +296,14 @@ def record_evaluation(state: TrainState, score: jax.Array, step: jax.Array, pati
     Scores are compared in float32, the precision the record is kept in, so a tie never counts as an
     improvement; the first evaluation (best_score = -inf) always does.
     """
-    improved = score > state.best_score
+    improved = score > state.best_score  # [E]: members keep separate records
     stale = jnp.where(improved, 0, state.evals_since_best + 1)
+
+    def keep_best(best, now):
+        return jnp.where(improved.reshape((-1,) + (1,) * (now.ndim - 1)), now, best)
+
     return state.replace(
-        best_params=jax.tree.map(lambda best, now: jnp.where(improved, now, best), state.best_params, state.params),
+        best_params=jax.tree.map(keep_best, state.best_params, state.params),
         best_score=jnp.where(improved, score, state.best_score),
         best_step=jnp.where(improved, step, state.best_step),
         evals_since_best=stale, stopped=state.stopped | (stale >= patience))
