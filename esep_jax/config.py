@@ -267,6 +267,16 @@ def _parse_value(text: str, kind: type, field: str):
         raise InputError(f"cannot parse {text!r} as {kind.__name__}", field=field) from None
 
 
+def get_field(config: Config, dotted: str):
+    """The value of a dotted field such as `optim.learning_rate`."""
+    return _get(config, dotted)
+
+
+def set_field(config: Config, dotted: str, text: str) -> None:
+    """Sets a dotted field from text, with the same type checks as a command-line override."""
+    _set(config, dotted, text)
+
+
 def to_dict(config: Config) -> dict:
     """The config as plain JSON-able data."""
     return dataclasses.asdict(config)
