@@ -33,7 +33,8 @@ class MetricsLog:
             return
         record = {"step": int(step), "kind": kind}
         for name, value in values.items():
-            value = float(value) if hasattr(value, "__float__") else value
+            if not isinstance(value, (bool, int, str, list)) and hasattr(value, "__float__"):
+                value = float(value)  # numpy / jax scalars
             record[name] = None if isinstance(value, float) and not math.isfinite(value) else value
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
