@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from esep_jax.errors import EXIT_BAD_INPUT, InputError
 
@@ -142,6 +143,30 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_sweep(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="grid/random search mapped onto ensemble members; leaderboard (md, csv) and PNG plots",
+        description="Runs the sweep a file's get_sweep() describes (see esep_jax/sweep.py and "
+                    "configs/sweep_nfcorpus.py): per-member hyperparameters share one compiled ensemble, other "
+                    "choices form groups. Writes WORKDIR/leaderboard.{md,csv,json}, dev_curves.png and "
+                    "hyperparameters.png.")
+    parser.add_argument("--config", required=True, help="sweep file: get_config() and get_sweep()")
+    parser.add_argument("--data", required=True, help="dataset directory")
+    parser.add_argument("--workdir", required=True, help="sweep directory (one group-NN run per group)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from esep_jax.sweep import run_sweep
+
+    rows = run_sweep(args.config, args.data, args.workdir, args.config_overrides, progress=not args.no_progress)
+    print((Path(args.workdir) / "leaderboard.md").read_text(), end="")
+    print(f"best dev member: group {rows[0]['group']} member {rows[0]['member']}; "
+          f"plots in {args.workdir}/dev_curves.png, {args.workdir}/hyperparameters.png")
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(float(v)) for v in text.split(",") if v]
@@ -150,7 +175,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (train step)")
+    parser = subparsers.add_parser("bench", help="benchmarks (train step, ScaNN search)")
     kinds = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     train = kinds.add_parser(
         "train", help="full-corpus train step: utilisation vs plain matmuls, pairs/s, peak memory, vs PyTorch",
@@ -167,11 +192,14 @@ def _add_bench(subparsers) -> None:
     train.add_argument("--chunk", type=int, default=8192, help="corpus rows per scan step")
     train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="corpus dtype")
     train.add_argument("--steps", type=int, default=2, help="timed steps (the best is kept)")
+    train.add_argument("--members", type=_int_list, default=[1],
+                       help="ensemble sizes, e.g. 1,16: per-member cost of an ensemble vs one head")
     train.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     train.add_argument("--json", default=None, metavar="PATH")
     train.add_argument("--markdown", default=None, metavar="PATH")
     train.add_argument("--plot", default=None, metavar="PATH", help="PNG")
     train.set_defaults(handler=_run_bench_train)
+    _add_bench_search(kinds)
 
 
 def _run_bench_train(args) -> int:
@@ -183,10 +211,138 @@ def _run_bench_train(args) -> int:
     sizes, dims, batches = ([10000, 100000, 1000000], [384, 768], [1024, 8192]) if args.grid else \
         (args.corpus_size, args.dim, args.batch)
     records = run_benchmarks(sizes, dims, batches, args.devices or [jax.device_count()], chunk=args.chunk,
-                             dtype=args.dtype, steps=args.steps, torch=not args.no_torch,
+                             dtype=args.dtype, steps=args.steps, torch=not args.no_torch, members=args.members,
                              progress=lambda r: print(markdown_table([r]).splitlines()[-1], flush=True))
     print(markdown_table(records))
     write_results(records, args.json, args.markdown, args.plot)
+    return 0
+
+
+def _add_bench_search(kinds) -> None:
+    search = kinds.add_parser(
+        "search", help="ScaNN as exported in bundles: recall@10 and QPS vs exact brute-force search",
+        description="Builds the ScaNN index `esep-jax export` would build for the corpus (same size rules, same "
+                    "tuner), tunes it to --target-recall on half the queries and reports recall@10 and QPS on the "
+                    "other half, next to exact search (BLAS matmul + argpartition). Data: synthetic clustered "
+                    "unit vectors, or --data DIR for a dataset's corpus and queries.")
+    search.add_argument("--corpus-size", type=lambda v: int(float(v)), default=100000, help="N (synthetic)")
+    search.add_argument("--dim", type=int, default=384, help="d (synthetic)")
+    search.add_argument("--queries", type=int, default=1000, help="queries (half tune, half measure)")
+    search.add_argument("--data", default=None, help="an esep-jax dataset instead of synthetic data")
+    search.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
+    search.add_argument("--index", choices=("auto", "brute_force", "ah", "tree"), default="auto",
+                        help="index strategy (auto: by corpus size, as export does)")
+    search.add_argument("--seed", type=int, default=0, help="synthetic data / query sampling seed")
+    search.add_argument("--json", default=None, metavar="PATH")
+    search.add_argument("--markdown", default=None, metavar="PATH")
+    search.set_defaults(handler=_run_bench_search)
+
+
+def _run_bench_search(args) -> int:
+    from esep_jax.bench.search import (dataset_embeddings, markdown_table, run_search_benchmark,
+                                       synthetic_embeddings, write_results)
+
+    if args.queries < 2 or args.corpus_size < 10 or args.dim < 1:
+        raise InputError("need --queries >= 2, --corpus-size >= 10 and --dim >= 1")
+    if args.data:
+        corpus, queries, normalized = dataset_embeddings(args.data, args.queries, args.seed)
+    else:
+        corpus, queries = synthetic_embeddings(args.corpus_size, args.queries, args.dim, seed=args.seed)
+        normalized = True
+    record = run_search_benchmark(corpus, queries, normalized=normalized, target_recall=args.target_recall,
+                                  strategy=args.index, data=args.data or "synthetic",
+                                  log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(markdown_table([record]), end="")
+    write_results(record, args.json, args.markdown)
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a serving bundle: the best head (safetensors) + a tuned ScaNN index",
+        description="Exports the best head of a training run and a ScaNN index over the corpus as a "
+                    "self-contained directory (written atomically) that `esep-jax search` and "
+                    "esep_jax.serving.Searcher load without JAX. ScaNN's leaves_to_search and reorder depth are "
+                    "tuned so recall@10 against exact search reaches --target-recall on held-out queries sent "
+                    "through the head.")
+    parser.add_argument("--workdir", required=True, help="a training run")
+    parser.add_argument("--out", required=True, help="bundle directory to write")
+    parser.add_argument("--data", default=None, help="dataset (default: the one recorded in WORKDIR/run.json)")
+    parser.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to reach (default 0.95)")
+    parser.add_argument("--index", choices=("auto", "brute_force", "ah", "tree"), default="auto",
+                        help="ScaNN index (auto: brute force < 20k docs, AH + reorder < 100k, else tree + AH)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    from esep_jax.export.bundle import export_bundle
+
+    manifest = export_bundle(args.workdir, args.out, data=args.data, target_recall=args.target_recall,
+                             overwrite=args.overwrite, strategy=args.index,
+                             log=lambda message: print(message, file=sys.stderr, flush=True))
+    index, evaluation = manifest["index"], manifest["eval"]
+    print(f"wrote {args.out}: {manifest['head']['trained_as']} head, {manifest['corpus']['count']} documents, "
+          f"ScaNN {index['strategy']} recall@10 {index['recall@10']:.4f} at {index['qps']:,.0f} QPS")
+    print(f"{evaluation['split']} ({evaluation['queries']} queries)  ndcg@10: base {evaluation['base']['ndcg@10']:.4f}"
+          f"  head {evaluation['head']['ndcg@10']:.4f}  bundle {evaluation['bundle']['ndcg@10']:.4f}")
+    return 0
+
+
+def _add_search(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "search", help="search a bundle with query embeddings (.npy) or texts (needs the encoder extra)",
+        description="Searches an exported bundle (no JAX needed). Texts are encoded with the bundle's encoder and "
+                    "query prompt. Output: JSON (default) or TSV `query<TAB>rank<TAB>id<TAB>score`; result slots "
+                    "with no document are left out.")
+    parser.add_argument("--bundle", required=True, help="a directory written by `esep-jax export`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queries", help="query embeddings .npy [Q, d_in] (the encoder's, before the head)")
+    source.add_argument("--text", action="append", help="a query text (repeat for several)")
+    parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--format", choices=("json", "tsv"), default="json")
+    parser.set_defaults(handler=_run_search)
+
+
+def _search_embeddings(args, manifest: dict):
+    import numpy as np
+
+    if args.queries:
+        try:
+            return np.load(args.queries, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise InputError(f"cannot read as .npy: {error}", file=args.queries) from None
+    from esep_jax.data.text_encoder import EncoderNotInstalledError, encode_texts
+
+    encoder = manifest.get("encoder", {}).get("name")
+    if not encoder:
+        raise InputError("the bundle records no encoder, so --text cannot be encoded; pass --queries")
+    try:
+        return encode_texts(args.text, encoder=encoder, prompt=manifest["encoder"].get("query_prompt") or "",
+                            normalize=bool(manifest.get("normalized", True)), show_progress=False)
+    except EncoderNotInstalledError as error:
+        raise InputError(str(error), field="--text") from None
+    except ValueError as error:
+        raise InputError(str(error), field="encoder") from None
+
+
+def _run_search(args) -> int:
+    import json
+
+    from esep_jax.serving import Searcher
+
+    searcher = Searcher.load(args.bundle)
+    ids, scores = searcher.search(_search_embeddings(args, searcher.manifest), args.k)
+    names = args.text or list(range(len(ids)))
+    if args.format == "tsv":
+        lines = [f"{name}\t{rank}\t{doc}\t{float(score):.6g}" for name, row, row_scores in zip(names, ids, scores)
+                 for rank, (doc, score) in enumerate(zip(row, row_scores), start=1) if doc is not None]
+        print("\n".join(lines))
+    else:
+        results = [{"query": name, "results": [{"id": doc, "score": float(score)}
+                                               for doc, score in zip(row, row_scores) if doc is not None]}
+                   for name, row, row_scores in zip(names, ids, scores)]
+        print(json.dumps({"bundle": args.bundle, "k": args.k, "queries": results}, indent=2))
     return 0
 
 
@@ -195,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esep-jax",
         description="Train searching modules <f(enc(q)), enc(d)> over frozen, precomputed embeddings.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_ingest, _add_train, _add_eval, _add_bench):
+    for add in (_add_ingest, _add_train, _add_eval, _add_sweep, _add_export, _add_search, _add_bench):
         add(subparsers)
     return parser
 
@@ -224,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, overrides = split_config_overrides(argv)
         args = build_parser().parse_args(rest)
-        if overrides and args.command != "train":
+        if overrides and args.command not in ("train", "sweep"):
             raise InputError(f"--config.* overrides apply to `train`, not `{args.command}`")
         args.config_overrides = overrides
         return args.handler(args)

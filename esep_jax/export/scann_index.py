@@ -56,13 +56,21 @@ def plan_index(num_docs: int, strategy: str = "auto", normalized: bool = True) -
     return plan
 
 
+def scann_ops():
+    """ScaNN's pybind module wrapper (`scann.scann_ops_pybind`), or an ImportError saying how to get it."""
+    try:
+        from scann.scann_ops.py import scann_ops_pybind
+    except ImportError as error:
+        raise ImportError(f"ScaNN is needed for bundles: pip install 'scann>=1.4' (wheels for Linux x86-64 "
+                          f"only) ({error})") from error
+    return scann_ops_pybind
+
+
 def build_searcher(corpus: np.ndarray, plan: IndexPlan, k: int = 10):
     """A ScaNN searcher for `corpus` (float32 `[N, d]`, dot product) as `plan` says."""
-    import scann
-
     corpus = np.ascontiguousarray(corpus, dtype=np.float32)
     # Training threads default to one; k-means and AH training dominate the build, so use every core.
-    builder = scann.scann_ops_pybind.builder(corpus, k, "dot_product").set_n_training_threads(_cpu_count())
+    builder = scann_ops().builder(corpus, k, "dot_product").set_n_training_threads(_cpu_count())
     if plan.strategy == "brute_force":
         return builder.score_brute_force().build()
     if plan.strategy == "tree":

@@ -1,0 +1,172 @@
+"""Serving a bundle: JAX-free loading, query checks, padded ScaNN tails, and `esep-jax search` output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from esep_jax.cli import main
+from esep_jax.export import scann_index
+from esep_jax.serving import BundleError, QueryError, Searcher
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--config.train.num_steps=10", "--config.train.eval_every=10", "--config.train.batch_size=32",
+         "--config.optim.learning_rate=1e-2", "--config.optim.warmup_steps=2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def bundles(synthetic_dataset, tmp_path_factory) -> dict[str, Path]:
+    """Bundles of one short run: brute force (auto at 400 docs) and a forced tree index."""
+    root = tmp_path_factory.mktemp("serving")
+    assert main(["train", "--data", synthetic_dataset, "--workdir", str(root / "run"), *TRAIN]) == 0
+    out = {}
+    for strategy in ("auto", "tree"):
+        out[strategy] = root / f"bundle-{strategy}"
+        assert main(["export", "--workdir", str(root / "run"), "--out", str(out[strategy]),
+                     "--index", strategy]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def queries(synthetic_dataset) -> np.ndarray:
+    from esep_jax.data.dataset import Dataset
+
+    return Dataset(synthetic_dataset).read_queries(np.arange(20))
+
+
+# Makes every import of these packages fail, as on a serving host where they are not installed.
+BLOCK_HEAVY_IMPORTS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib", "flax", "tensorstore", "orbax", "optax"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_bundle_loads_and_searches_with_jax_flax_tensorstore_unimportable(bundles, queries, tmp_path):
+    np.save(tmp_path / "q.npy", queries[:3])
+    script = BLOCK_HEAVY_IMPORTS + f"""
+import json
+for name in ("jax", "flax", "tensorstore"):
+    try:
+        __import__(name)
+        raise SystemExit(name + " imported despite the block")
+    except ImportError:
+        pass
+import numpy as np
+from esep_jax.serving import Searcher
+from esep_jax.cli import main
+searcher = Searcher.load({str(bundles['auto'])!r})
+ids, scores = searcher.search(np.load({str(tmp_path / 'q.npy')!r}), 5)
+assert main(["search", "--bundle", {str(bundles['auto'])!r}, "--queries", {str(tmp_path / 'q.npy')!r},
+             "--k", "5", "--format", "tsv"]) == 0
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "tensorstore", "orbax"))
+print(json.dumps({{"ids": ids.tolist(), "scores": scores.tolist(), "heavy": heavy}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["heavy"] == []
+    ids, scores = Searcher.load(bundles["auto"]).search(queries[:3], 5)
+    assert payload["ids"] == ids.tolist()
+    np.testing.assert_allclose(payload["scores"], scores, rtol=1e-6)
+
+
+def test_search_returns_the_exact_top_k_of_the_transformed_queries(bundles, queries, synthetic_dataset):
+    from esep_jax.data.dataset import Dataset
+
+    searcher = Searcher.load(bundles["auto"])
+    assert searcher.manifest["index"]["strategy"] == "brute_force"
+    dataset = Dataset(synthetic_dataset)
+    rows, scores = scann_index.exact_top_k(dataset.read_corpus(), searcher.transform(queries), 10)
+    ids, got_scores = searcher.search(queries, 10)
+    assert ids.shape == (20, 10) and got_scores.dtype == np.float32
+    assert ids.tolist() == [[dataset.ids("corpus")[r] for r in row] for row in rows]
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-5, atol=1e-6)
+    one_ids, _ = searcher.search(queries[0], 3)  # a single vector is one query
+    assert one_ids.tolist() == [ids[0, :3].tolist()]
+
+
+@pytest.mark.parametrize("make, k, message", [
+    (lambda q: q, 401, "k=401 exceeds the 400 documents"),
+    (lambda q: q, 0, "k must be a positive integer"),
+    (lambda q: np.where(np.arange(len(q))[:, None] == 2, np.nan, q), 5, "query row 2 holds NaN or Inf"),
+    (lambda q: np.where(np.arange(len(q))[:, None] >= 1, np.inf, q), 5, "query row 1 (and 18 more) holds NaN"),
+    (lambda q: q[:, :8], 5, "query dim 8 != the bundle's input dim 16"),
+    (lambda q: q[None], 5, "must be [num_queries, 16], got shape [1, 20, 16]"),
+    (lambda q: q.astype(str), 5, "must be numbers"),
+])
+def test_bad_queries_and_k_are_clear_value_errors(bundles, queries, make, k, message):
+    searcher = Searcher.load(bundles["auto"])
+    with pytest.raises(QueryError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")) as error:
+        searcher.search(make(queries), k)
+    assert isinstance(error.value, ValueError)
+
+
+def test_padded_scann_tails_never_pass_for_documents(bundles, queries):
+    searcher = Searcher.load(bundles["tree"])
+    settings = searcher.manifest["index"]
+    assert settings["strategy"] == "tree" and settings["num_leaves"] >= 4
+    k = 150  # far more than one leaf of ~50 documents holds
+    raw_rows, raw_scores = searcher.index.search_batched(searcher.transform(queries), k, k, 1)
+    assert np.isnan(raw_scores).any()  # ScaNN itself pads: row 0 with a NaN score
+    rows, scores = scann_index.search(searcher.index, searcher.transform(queries), k, leaves_to_search=1)
+    missing = rows < 0
+    assert missing.any() and np.isneginf(scores[missing]).all() and np.isfinite(scores[~missing]).all()
+    assert (np.diff(missing.astype(int), axis=1) >= 0).all()  # missing slots only at the end of a row
+    # The searcher retries short queries over every leaf, so a full row comes back ...
+    rows, scores = searcher.search_rows(queries, k, leaves_to_search=1)
+    assert (rows >= 0).all() and all(len(set(row)) == k for row in rows.tolist())
+    # ... and whatever is still missing is id None with score -inf, never document 0.
+    searcher.manifest["index"]["num_leaves"] = 1
+    ids, scores = searcher.search(queries, k, leaves_to_search=1)
+    assert (ids == None).any()  # noqa: E711 (element-wise on an object array)
+    assert np.isneginf(scores[ids == None]).all() and np.isfinite(scores[ids != None]).all()  # noqa: E711
+
+
+def test_a_bundle_with_an_unlisted_file_is_refused(bundles, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundles["auto"], bundle)
+    (bundle / "index" / "scann_docids.pkl").write_bytes(b"\x80\x04N.")  # ScaNN's loader would unpickle this
+    with pytest.raises(BundleError, match="scann_docids.pkl: unexpected file, not listed"):
+        Searcher.load(bundle)
+    with pytest.raises(BundleError, match="not a directory"):
+        Searcher.load(tmp_path / "nowhere")
+
+
+def test_search_cli_json_and_tsv(bundles, queries, tmp_path, capsys):
+    np.save(tmp_path / "q.npy", queries[:2])
+    ids, scores = Searcher.load(bundles["auto"]).search(queries[:2], 4)
+    capsys.readouterr()
+    assert main(["search", "--bundle", str(bundles["auto"]), "--queries", str(tmp_path / "q.npy"), "--k", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [[hit["id"] for hit in q["results"]] for q in out["queries"]] == ids.tolist()
+    assert out["queries"][1]["query"] == 1 and out["queries"][0]["results"][0]["score"] == pytest.approx(scores[0, 0])
+    assert main(["search", "--bundle", str(bundles["auto"]), "--queries", str(tmp_path / "q.npy"), "--k", "4",
+                 "--format", "tsv"]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 8 and lines[0][:3] == ["0", "1", ids[0, 0]] and lines[5][:3] == ["1", "2", ids[1, 1]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "500"], "k=500 exceeds the 400 documents"),
+    (["--text", "hello"], "the bundle records no encoder"),
+])
+def test_search_cli_errors_are_one_line(bundles, queries, tmp_path, capsys, args, message):
+    np.save(tmp_path / "q.npy", queries[:2])
+    source = [] if "--text" in args else ["--queries", str(tmp_path / "q.npy")]
+    capsys.readouterr()
+    assert main(["search", "--bundle", str(bundles["auto"]), *source, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
