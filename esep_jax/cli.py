@@ -388,9 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FloatingPointError, RuntimeError) as error:
+        from esep_jax.export.bundle import BundleWriteError
         from esep_jax.train.checkpoint import CheckpointRestoreError, CheckpointWriteError
 
-        if not isinstance(error, (FloatingPointError, CheckpointWriteError, CheckpointRestoreError)):
+        if not isinstance(error, (FloatingPointError, CheckpointWriteError, CheckpointRestoreError,
+                                  BundleWriteError)):
             raise
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return 1

@@ -147,3 +147,16 @@ def test_no_pickle_anywhere_in_the_package():
                     flags = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
                     assert flags.get("allow_pickle") is False, f"{path}:{node.lineno} np.load without allow_pickle=False"
                 assert owner != "torch", f"{path}:{node.lineno} torch.load"
+
+
+def test_full_disk_during_export_is_a_clear_error_and_leaves_nothing(demo_dataset, reference, tmp_path):
+    out = tmp_path / "bundle"
+    preamble = ("import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))")
+    process = _subprocess(["export", "--workdir", str(reference[0]), "--out", str(out)], preamble=preamble)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("esep-jax: error: could not write the bundle") and "nothing was left behind" in last
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]
+    assert final_train_state(reference[0], demo_dataset)[0] == 150  # the run it exported from is untouched

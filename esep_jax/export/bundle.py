@@ -130,7 +130,7 @@ def _write_manifest(root: Path, manifest: dict) -> None:
 def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None, target_recall: float = 0.95,
                   overwrite: bool = False, strategy: str = "auto", k: int = 10, log=print) -> dict:
     """Writes the serving bundle of the run in `workdir` to `out` (atomically); returns its manifest."""
-    from safetensors.numpy import save_file
+    from safetensors import SafetensorError
 
     from esep_jax.data.dataset import Dataset
     from esep_jax.eval.report import evaluate_split
@@ -183,6 +183,22 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
         "eval": {"split": split, "queries": exact["queries"], "base": exact["base"], "head": exact["head"]},
         "files": {},
     }
+    try:
+        _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config)
+    except (OSError, SafetensorError) as error:  # a full disk, a quota, a lost mount
+        reason = " ".join(str(error).split())[:300]
+        raise BundleWriteError(f"could not write the bundle {out}: {reason} (nothing was left behind)") from None
+    return manifest
+
+
+class BundleWriteError(RuntimeError):
+    """Writing a bundle failed part-way (a full disk, a quota); the partial directory was removed."""
+
+
+def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config) -> None:
+    """Writes, loads back and measures the bundle in a temporary directory renamed into place at the end."""
+    from safetensors.numpy import save_file
+
     with atomic_directory(out, overwrite=overwrite) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by whichever user serves it
         save_file(tensors, str(tmp / fmt.HEAD_FILE), metadata={"format": "esep_jax.head", "kind": head["kind"]})
@@ -198,4 +214,3 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
         manifest["eval"]["bundle"] = _bundle_metrics(served, dataset, split, config.eval.relevance_level)
         manifest["eval"]["bundle_depth"] = min(BUNDLE_EVAL_DEPTH, dataset.num_documents)
         _write_manifest(tmp, manifest)
-    return manifest
