@@ -134,7 +134,6 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
 
     from esep_jax.data.dataset import Dataset
     from esep_jax.eval.report import evaluate_split
-    from esep_jax.serving import Searcher
     from esep_jax.train.loop import load_best_head, query_transform
 
     if not 0.0 < target_recall <= 1.0:
@@ -198,6 +197,8 @@ class BundleWriteError(RuntimeError):
 def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config) -> None:
     """Writes, loads back and measures the bundle in a temporary directory renamed into place at the end."""
     from safetensors.numpy import save_file
+
+    from esep_jax.serving import Searcher
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by whichever user serves it
