@@ -35,7 +35,10 @@ class ModelConfig:
 class LossConfig:
     """What the head is trained to do."""
 
-    kind: str = "full_corpus"  # full_corpus | in_batch
+    # full_corpus: exact softmax over every document (the corpus lives on the devices);
+    # sampled: softmax over each query's positives + `hard_negatives` + `random_negatives` gathered on the host
+    # (log-Q corrected), for corpora too large for device memory; in_batch: the batch's sampled positives.
+    kind: str = "full_corpus"
     # Which documents the full-corpus softmax contrasts against: every document ("all"), or only those judged
     # relevant to some training query ("judged"). With "all", documents never relevant in training are pushed
     # down for every query — a document prior that hurts queries whose relevant documents are unseen.
@@ -47,6 +50,26 @@ class LossConfig:
     max_positives: int = 64
     grade_weighting: str = "linear"  # linear: weight ∝ grade | uniform: every positive alike
     z_loss: float = 0.0  # weight of LSE² (keeps logits bounded in low precision; full_corpus only)
+    task_weight: float = 1.0  # weight of the retrieval loss above; 0 trains on the other signals alone
+    # sampled: a candidates table written by `esep-jax mine` (its lists join each query's softmax).
+    hard_negatives: str = ""
+    # sampled: documents drawn uniformly per query from the contrasted set A; their logits get + log(|A| / R),
+    # the log-Q correction, so the sampled normaliser estimates the full-corpus one without bias.
+    random_negatives: int = 64
+    # Teacher distillation: a candidates table imported with `esep-jax teacher` (a stronger scorer's scores
+    # over each query's candidates). Adds teacher_weight · KL(teacher ‖ head) over those candidates, both
+    # softmaxes temperature-scaled (the head's by `temperature`, the teacher's by `teacher_temperature`).
+    teacher: str = ""
+    teacher_weight: float = 1.0
+    teacher_temperature: float = 1.0
+    # Distillation onto target vectors (query drift): "" off | mse: ‖f(q_B) − q_A‖² | cosine: 1 − cos.
+    # Targets are the dataset's `queries/targets` (A's embedding of each query) and/or its paired texts.
+    distill: str = ""
+    distill_weight: float = 1.0
+    # Matryoshka: comma-separated prefix sizes (e.g. "64,128,256"); the retrieval loss is averaged over
+    # these prefixes of the output and corpus dimensions and the full dimension, so one head also serves
+    # indexes truncated to any of them.
+    matryoshka_dims: str = ""
 
 
 @dataclasses.dataclass
@@ -138,6 +161,20 @@ def member_values(config: "Config") -> dict[str, list[float]]:
     return values
 
 
+def matryoshka_dims(config: "Config") -> list[int]:
+    """The Matryoshka prefix sizes, ascending, without the full dimension (empty: off)."""
+    text = config.loss.matryoshka_dims.strip()
+    if not text:
+        return []
+    try:
+        dims = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise InputError(f"expected comma-separated integers, got {text!r}", field="config.loss.matryoshka_dims") from None
+    if dims[0] <= 0:
+        raise InputError("prefix sizes must be > 0", field="config.loss.matryoshka_dims")
+    return dims
+
+
 @dataclasses.dataclass
 class Config:
     """Everything a run needs besides its data and workdir."""
@@ -152,7 +189,8 @@ class Config:
 
 CHOICES = {
     "model.head": ("linear", "lowrank", "mlp"),
-    "loss.kind": ("full_corpus", "in_batch"),
+    "loss.kind": ("full_corpus", "in_batch", "sampled"),
+    "loss.distill": ("", "mse", "cosine"),
     "loss.negatives": ("all", "judged"),
     "loss.grade_weighting": ("linear", "uniform"),
     "train.corpus_dtype": ("float32", "bfloat16"),
@@ -192,6 +230,14 @@ def validate(config: Config) -> Config:
         raise InputError("dropout rates must be in [0, 1)", field="config.ensemble.dropout")
     if config.loss.z_loss < 0:
         raise InputError("must be >= 0", field="config.loss.z_loss")
+    for dotted in ("loss.task_weight", "loss.teacher_weight", "loss.distill_weight", "loss.random_negatives"):
+        if _get(config, dotted) < 0:
+            raise InputError(f"must be >= 0, got {_get(config, dotted)!r}", field=f"config.{dotted}")
+    if config.loss.teacher_temperature <= 0:
+        raise InputError("must be > 0", field="config.loss.teacher_temperature")
+    matryoshka_dims(config)  # parses, or names the field
+    if config.loss.kind == "sampled" and config.train.micro_batch_size not in (0, config.train.batch_size):
+        raise InputError("micro-batching applies to loss.kind=full_corpus", field="config.train.micro_batch_size")
     if not 0.0 < config.train.holdout_fraction < 1.0:
         raise InputError("must be in (0, 1)", field="config.train.holdout_fraction")
     return config

@@ -62,3 +62,78 @@ def sample_positive(key: jax.Array, positive_ids: jax.Array, positive_weights: j
 def recovery_penalty(query_vectors: jax.Array, base_vectors: jax.Array) -> jax.Array:
     """`‖f(q) − E q‖²` per query: how far the head moved each query from the base retrieval."""
     return jnp.sum(jnp.square(query_vectors - base_vectors), axis=-1)
+
+
+def candidate_softmax_loss(query_vectors: jax.Array, candidate_vectors: jax.Array, bias: jax.Array,
+                           mask: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of a softmax over each query's own candidates `[B, C, d]` (sampled softmax).
+
+    `bias` is added to the logits (the log-Q correction of sampled slots), `mask` drops padding and duplicate
+    slots, `targets [B, C]` is the (normalised) target distribution — non-zero only on positive slots.
+    `query_vectors` are already divided by the temperature.
+    """
+    logits = jnp.einsum("bd,bcd->bc", query_vectors, candidate_vectors.astype(query_vectors.dtype)) + bias
+    logits = jnp.where(mask, logits, -jnp.inf)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.where(targets > 0, targets * logits, 0.0).sum(axis=-1)
+
+
+def teacher_kl_loss(query_vectors: jax.Array, candidate_vectors: jax.Array, teacher_scores: jax.Array,
+                    mask: jax.Array, teacher_temperature: float) -> jax.Array:
+    """`KL(p_teacher ‖ p_head)` over each query's teacher candidates; 0 for a query without candidates.
+
+    `p_teacher = softmax(scores / teacher_temperature)`, `p_head = softmax(<f(q), c>)` with `query_vectors`
+    already divided by the head's temperature.
+    """
+    has_any = mask.any(axis=-1)
+    safe_mask = mask | ~has_any[:, None]  # a row without candidates computes on dummies, then is zeroed
+    student = jnp.einsum("bd,bcd->bc", query_vectors, candidate_vectors.astype(query_vectors.dtype))
+    log_student = jax.nn.log_softmax(jnp.where(safe_mask, student, -jnp.inf), axis=-1)
+    log_teacher = jax.nn.log_softmax(jnp.where(safe_mask, teacher_scores / teacher_temperature, -jnp.inf), axis=-1)
+    terms = jnp.where(safe_mask, jnp.exp(log_teacher) * (log_teacher - log_student), 0.0)
+    return jnp.where(has_any, terms.sum(axis=-1), 0.0)
+
+
+def distillation_loss(vectors: jax.Array, targets: jax.Array, kind: str) -> jax.Array:
+    """Per-row distance of mapped vectors to target vectors: `mse` = ‖v − t‖², `cosine` = 1 − cos(v, t)."""
+    if kind == "mse":
+        return jnp.sum(jnp.square(vectors - targets), axis=-1)
+    if kind == "cosine":
+        dot = jnp.sum(vectors * targets, axis=-1)
+        norms = jnp.linalg.norm(vectors, axis=-1) * jnp.linalg.norm(targets, axis=-1)
+        return 1.0 - dot / jnp.maximum(norms, 1e-12)
+    raise ValueError(f"unknown distillation kind {kind!r}")
+
+
+def prefix_corpus(corpus, dims: list[int]):
+    """The corpus seen by a Matryoshka loss: `[N, Σk + d]`, each prefix k re-normalised, then the full rows.
+
+    A truncated index stores each document's first k dimensions re-normalised (cosine on the prefix, the
+    usual way to truncate embeddings). Laying the truncated indexes side by side lets one corpus pass score
+    every prefix: `<prefix_queries(q)[i], prefix_corpus(c)>` is `<q[:k_i], c[:k_i] / ‖c[:k_i]‖>`, and the last
+    block is the untruncated score. Works on numpy (host) and jax arrays alike.
+    """
+    xp = jnp if isinstance(corpus, jax.Array) else __import__("numpy")
+    blocks = []
+    for k in _prefix_sizes(dims, corpus.shape[-1])[:-1]:
+        prefix = corpus[..., :k]
+        norms = xp.linalg.norm(prefix, axis=-1, keepdims=True)
+        blocks.append(prefix / xp.where(norms > 0, norms, 1.0))
+    return xp.concatenate([*blocks, corpus], axis=-1)
+
+
+def prefix_queries(vectors: jax.Array, dims: list[int]) -> jax.Array:
+    """`[P, ..., Σk + d]`: per prefix size (and the full dimension last), the query's first k dimensions placed
+    in that prefix's block of `prefix_corpus`, zeros elsewhere."""
+    sizes = _prefix_sizes(dims, vectors.shape[-1])
+    widths = [*sizes[:-1], vectors.shape[-1]]
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    total = sum(widths)
+    rows = []
+    for k, offset in zip(sizes, offsets):
+        pad = [(0, 0)] * (vectors.ndim - 1) + [(offset, total - offset - k)]
+        rows.append(jnp.pad(vectors[..., :k], pad))
+    return jnp.stack(rows)
+
+
+def _prefix_sizes(dims: list[int], full_dim: int) -> list[int]:
+    return [d for d in sorted(set(dims)) if d < full_dim] + [full_dim]

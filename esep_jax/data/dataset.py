@@ -10,6 +10,11 @@ Layout of a dataset directory (or a `gs://` / `s3://` / `file://` URL, read thro
     qrels/<split>/offsets            zarr3 int64 [Q_s + 1] CSR offsets into doc_rows / grades
     qrels/<split>/doc_rows           zarr3 int32 [nnz]     corpus rows judged for the query
     qrels/<split>/grades             zarr3 int32 [nnz]     graded relevance (<= 0: judged non-relevant)
+    queries/targets                  optional zarr3 [Q, d_corpus]: a target vector per query (query drift:
+                                     the old encoder's embedding of the same query text)
+    paired/source, paired/target     optional zarr3 [P, d_query], [P, d_corpus]: unlabelled texts embedded
+                                     by the query encoder and by the corpus encoder (distillation pairs)
+    candidates/<name>/...            optional per-query candidate lists (mined negatives, teacher scores)
 
 Qrels are CSR so a loader addresses "the i-th judged query of a split and all its judgements" by integer
 index; they are small and read whole, while embeddings stay in tensorstore and are read by row.
@@ -152,6 +157,20 @@ class Dataset:
                                  file=f"{self.location}/{key}")
             return None
         return bytes(result.value)
+
+    def table(self, key: str) -> ts.TensorStore:
+        """Any array of the dataset by key (e.g. `queries/targets`, `paired/source`), opened once."""
+        return self._table(key)
+
+    @property
+    def has_query_targets(self) -> bool:
+        """Whether `queries/targets` holds a target vector (e.g. the old encoder's embedding) per query."""
+        return "query_targets" in self.manifest
+
+    @property
+    def num_paired(self) -> int:
+        """Rows of `paired/source` and `paired/target`: unlabelled texts embedded by both encoders."""
+        return int(self.manifest.get("paired", {}).get("count", 0))
 
     def _table(self, key: str) -> ts.TensorStore:
         if key not in self._tables:

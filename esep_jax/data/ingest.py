@@ -144,8 +144,14 @@ def parse_qrels_args(specs: list[str]) -> dict[str, str]:
 def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, qrels_files: dict[str, str], *,
                   storage_dtype: str | None = None, encoder: str | None = None, query_prompt: str = "",
                   document_prompt: str = "", allow_different_dims: bool = False, overwrite: bool = False,
-                  name: str | None = None) -> dict:
-    """Validates everything, then writes the dataset directory atomically. Returns the manifest."""
+                  name: str | None = None, query_targets: str | None = None, paired_source: str | None = None,
+                  paired_target: str | None = None) -> dict:
+    """Validates everything, then writes the dataset directory atomically. Returns the manifest.
+
+    Query-drift extras (paths to `.npy`): `query_targets` [Q, d_corpus], a target vector per query row (the
+    corpus encoder's embedding of the same query text); `paired_source` [P, d_query] + `paired_target`
+    [P, d_corpus], unlabelled texts embedded by the query encoder and by the corpus encoder.
+    """
     if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
         raise InputError(f"must be one of {', '.join(STORAGE_DTYPES)}", field="--dtype")
     if queries.embeddings.shape[1] != corpus.embeddings.shape[1] and not allow_different_dims:
@@ -155,6 +161,18 @@ def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, q
     query_index = {qid: i for i, qid in enumerate(queries.ids)}
     doc_index = {did: i for i, did in enumerate(corpus.ids)}
     splits = {split: read_qrels(path, query_index, doc_index) for split, path in qrels_files.items()}
+    corpus_dim, query_dim = int(corpus.embeddings.shape[1]), int(queries.embeddings.shape[1])
+    targets = None
+    if query_targets:
+        targets = load_embeddings(query_targets, queries.ids, "the query ids")
+        _check_dim(targets, corpus_dim, query_targets, "the corpus")
+    pairs = None
+    if bool(paired_source) != bool(paired_target):
+        raise InputError("--paired-source and --paired-target go together", field="--paired-source")
+    if paired_source:
+        pairs = _load_pairs(paired_source, paired_target)
+        _check_dim(pairs[0], query_dim, paired_source, "the queries")
+        _check_dim(pairs[1], corpus_dim, paired_target, "the corpus")
 
     def storage(values: np.ndarray) -> str:
         return storage_dtype or ("float16" if values.dtype == np.float16 else "float32")
@@ -177,6 +195,10 @@ def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, q
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if targets is not None:
+        manifest["query_targets"] = {"dim": corpus_dim, "source": query_targets}
+    if pairs is not None:
+        manifest["paired"] = {"count": int(pairs[0].shape[0]), "source": paired_source, "target": paired_target}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_array(tmp, "corpus/embeddings", corpus.embeddings, manifest["corpus"]["dtype"])
         write_array(tmp, "queries/embeddings", queries.embeddings, manifest["queries"]["dtype"])
@@ -184,8 +206,30 @@ def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, q
         (tmp / "query_ids.txt").write_text("\n".join(queries.ids) + "\n", encoding="utf-8")
         for split, qrels in splits.items():
             write_qrels(tmp, split, qrels)
+        if targets is not None:
+            write_array(tmp, "queries/targets", targets, "float32")
+        if pairs is not None:
+            write_array(tmp, "paired/source", pairs[0], "float32")
+            write_array(tmp, "paired/target", pairs[1], "float32")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _check_dim(values: np.ndarray, expected: int, name: str, what: str) -> None:
+    if values.shape[1] != expected:
+        raise InputError(f"dim {values.shape[1]} != {expected}, the dim of {what}", file=name, field="shape")
+
+
+def _load_pairs(source: str, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """Paired embeddings of the same texts by two encoders: equal row counts, finite, float."""
+    try:
+        first = np.load(source, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise InputError(f"not a readable .npy array: {error}", file=source) from None
+    row_names = [f"pair {i}" for i in range(first.shape[0] if first.ndim else 0)]
+    check_embeddings(first, row_names, source, "the paired source")
+    second = load_embeddings(target, row_names, source)
+    return first, second
 
 
 def ingest_arrays(corpus: str, corpus_ids: str, queries: str, query_ids: str, qrels: list[str], out: str,

@@ -42,13 +42,26 @@ class SplitEvaluator:
         self.doc_id_rank = doc_id_ranks(dataset.ids("corpus"))
 
     def rank(self, transform: QueryTransform | None = None) -> Ranking:
-        """Retrieves for every judged query (through `transform` if given) and scores the run."""
+        """Retrieves for every judged query (through `transform` if given) and scores the run.
+
+        Without a transform, queries of another dimension than the corpus (a drift dataset) are zero-padded or
+        truncated to it — what the untrained identity head computes.
+        """
         vectors = self.queries
-        if transform is not None:
+        if transform is None:
+            vectors = self.base_vectors()
+        else:
             vectors = np.concatenate([
                 np.asarray(transform(vectors[start:start + self.query_chunk]))
                 for start in range(0, len(vectors), self.query_chunk)])
         return self.rank_vectors(vectors)
+
+    def base_vectors(self) -> np.ndarray:
+        """The judged queries as the base system uses them: padded or truncated to the corpus dimension."""
+        dim = self.index.dim
+        if self.queries.shape[1] >= dim:
+            return self.queries[:, :dim]
+        return np.pad(self.queries, ((0, 0), (0, dim - self.queries.shape[1])))
 
     def rank_vectors(self, vectors: np.ndarray) -> Ranking:
         """Retrieves with ready-made query vectors, one per judged query (in `self.queries` order)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from esep_jax.atomic import atomic_write_text
-from esep_jax.config import EvalConfig
+from esep_jax.config import EvalConfig, matryoshka_dims
 from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.eval.evaluate import Ranking, SplitEvaluator
 from esep_jax.eval.metrics import mean_metrics, per_query_metrics
@@ -53,11 +53,13 @@ def unseen_relevant_view(ranking: Ranking, qrels: Qrels, seen: np.ndarray, relev
 
 
 def evaluate_split(data: str, split: str, workdir: str | None = None, eval_config: EvalConfig | None = None,
-                   run_path: str | None = None) -> dict:
+                   run_path: str | None = None, prefix_dims: list[int] | None = None) -> dict:
     """Metrics of the base retrieval and (with `workdir`) of the run's best head on `split`.
 
     The top-level metrics are those of the head when one is given, else of the base; both systems are
     included under `base` and `head`. With `run_path`, the evaluated system's run is written in TREC format.
+    `prefix_dims` (default: a Matryoshka run's `loss.matryoshka_dims`) adds `prefixes`: every system against
+    the index truncated to each prefix size (see `prefix_results`).
     """
     from esep_jax.train.loop import load_best_head, query_transform  # training stays off the eval-only path
 
@@ -69,10 +71,13 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
         apply_head = query_transform(head, params, weights)
         head_info = {"workdir": str(workdir), "best_step": best_steps.tolist(), "head": run_config.model.head,
                      "members": len(weights), "weights": weights.tolist()}
+        if prefix_dims is None:
+            prefix_dims = matryoshka_dims(run_config)
     eval_config = eval_config or EvalConfig()
-    evaluator = SplitEvaluator(dataset, dataset.qrels(split), ExactIndex(dataset.read_corpus(),
-                               eval_config.corpus_chunk), top_k=eval_config.top_k,
-                               query_chunk=eval_config.query_chunk, relevance_level=eval_config.relevance_level)
+    corpus = dataset.read_corpus()
+    evaluator = SplitEvaluator(dataset, dataset.qrels(split), ExactIndex(corpus, eval_config.corpus_chunk),
+                               top_k=eval_config.top_k, query_chunk=eval_config.query_chunk,
+                               relevance_level=eval_config.relevance_level)
     base = evaluator.rank()
     result = {"dataset": dataset.manifest.get("name"), "split": split, "queries": dataset.qrels(split).num_queries,
               "base": base.metrics}
@@ -94,9 +99,46 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
                                                                evaluator.cutoffs, eval_config.relevance_level))
         if entry:
             result["subsets"] = {"unseen_relevant": entry}
+    if prefix_dims:
+        head_vectors = None
+        if head_info is not None:
+            head_vectors = np.concatenate([np.asarray(apply_head(evaluator.queries[i:i + eval_config.query_chunk]))
+                                           for i in range(0, len(evaluator.queries), eval_config.query_chunk)])
+        result["prefixes"] = prefix_results(dataset, split, corpus, evaluator.base_vectors(), head_vectors,
+                                            prefix_dims, eval_config)
     if run_path:
         evaluator.write_trec_run(final, run_path, "esep_jax-head" if head_info else "esep_jax-base")
     return result
+
+
+def prefix_results(dataset: Dataset, split: str, corpus: np.ndarray, queries: np.ndarray,
+                   head_vectors: np.ndarray | None, dims: list[int], eval_config: EvalConfig) -> dict:
+    """Per prefix size k, metrics against the corpus index truncated to its first k dimensions.
+
+    The truncated index stores each document's first k dimensions re-normalised (cosine on the prefix, the
+    usual way to truncate embeddings, and what a Matryoshka head is trained against); `base` and `head` are
+    scored on it with their first k query dimensions. `base_raw` keeps the raw prefixes (a plain dot product
+    on the truncated rows), for reference. The full dimension is included as the reference point.
+    """
+    results = {}
+    for k in sorted({d for d in dims if d < corpus.shape[1]} | {corpus.shape[1]}):
+        normalised = _unit(corpus[:, :k]) if k < corpus.shape[1] else corpus
+        systems = [("base", normalised, queries[:, :k]), ("base_raw", corpus[:, :k], queries[:, :k])]
+        if head_vectors is not None:
+            systems.append(("head", normalised, head_vectors[:, :k]))
+        entry = {}
+        for name, index_rows, query_rows in systems:
+            evaluator = SplitEvaluator(dataset, dataset.qrels(split), ExactIndex(index_rows, eval_config.corpus_chunk),
+                                       top_k=eval_config.top_k, query_chunk=eval_config.query_chunk,
+                                       relevance_level=eval_config.relevance_level)
+            entry[name] = evaluator.rank_vectors(query_rows).metrics
+        results[str(k)] = entry
+    return results
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    return values / np.where(norms > 0, norms, 1.0)
 
 
 def format_table(result: dict, names=HEADLINE) -> str:
@@ -111,6 +153,12 @@ def format_table(result: dict, names=HEADLINE) -> str:
         if with_head:
             line += f"{result['head'][name]:>9.4f}{result['head'][name] - result['base'][name]:>+9.4f}"
         lines.append(line)
+    for k, entry in result.get("prefixes", {}).items():
+        line = f"{'ndcg@10':<12}{entry['base']['ndcg@10']:>9.4f}"
+        if "head" in entry:
+            line += f"{entry['head']['ndcg@10']:>9.4f}{entry['head']['ndcg@10'] - entry['base']['ndcg@10']:>+9.4f}"
+        lines.append(f"{line}   index of the first {k} dims (raw prefixes, no re-normalising: base "
+                     f"{entry['base_raw']['ndcg@10']:.4f})")
     for subset, entry in result.get("subsets", {}).items():
         line = f"{'ndcg@10':<12}{entry['base']['ndcg@10']:>9.4f}"
         if "head" in entry:

@@ -21,11 +21,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from esep_jax.atomic import atomic_write_text
-from esep_jax.config import Config, save_config, to_dict
+from esep_jax.config import Config, matryoshka_dims, save_config, to_dict
 from esep_jax.corpus_softmax import DATA, ShardedCorpus, make_data_corpus_mesh
 from esep_jax.data.dataset import Dataset, Qrels
+from esep_jax.data.batch_signals import SampledCandidates, TeacherCandidates
+from esep_jax.data.candidates import read_candidates
 from esep_jax.data.loader import TrainBatches
 from esep_jax.ensemble import combine, greedy_selection
+from esep_jax.losses import prefix_corpus
 from esep_jax.errors import InputError
 from esep_jax.eval.evaluate import SplitEvaluator
 from esep_jax.eval.retrieval import ExactIndex
@@ -167,8 +170,13 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     corpus_dtype = jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32
     host_corpus = dataset.read_corpus()  # read once: the train step's sharded copy and the dev index
-    corpus = ShardedCorpus(host_corpus, mesh, tc.corpus_chunk, corpus_dtype,
-                           mask=_negative_mask(config, dataset, train_qrels))
+    contrasted = _negative_mask(config, dataset, train_qrels)
+    # The sampled softmax gathers its candidates on the host, so the train step holds no corpus.
+    on_device = config.loss.kind != "sampled"
+    # A Matryoshka loss scores every truncated index in one pass over their side-by-side rows.
+    scored_corpus = prefix_corpus(host_corpus, matryoshka_dims(config)) if matryoshka_dims(config) else host_corpus
+    corpus = ShardedCorpus(scored_corpus if on_device else scored_corpus[:1], mesh, tc.corpus_chunk, corpus_dtype,
+                           mask=contrasted if on_device else None)
     head, optimizer, schedule = build_training(config, dataset)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
     member_vectors = jax.jit(lambda params, queries: apply_members(head, params, queries))
@@ -180,10 +188,13 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     start = int(start or 0)
     log = MetricsLog(workdir / METRICS_FILE, resume_step=start, enabled=jax.process_index() == 0)
     index = ExactIndex(host_corpus, config.eval.corpus_chunk, corpus_dtype)
-    del host_corpus
+    signals = batch_signals(config, dataset, host_corpus, scored_corpus, contrasted)
+    del scored_corpus
     evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
                                query_chunk=config.eval.query_chunk, relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
+    prefix_evaluators = _prefix_evaluators(config, dataset, dev_qrels, host_corpus, corpus_dtype)
+    del host_corpus  # the loader's signals keep their own reference when they need it
     # Jitted with the state's own shardings, so the record stays a global array on every process.
     record = jax.jit(functools.partial(record_evaluation, patience=tc.patience), donate_argnums=(0,),
                      out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
@@ -194,8 +205,14 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
         scores = []
         for member, member_vectors_now in enumerate(vectors):
             metrics = evaluator.rank_vectors(member_vectors_now).metrics
+            score = metrics[tc.select_metric]
+            if prefix_evaluators:  # a Matryoshka head is selected on the mean over its prefixes and full dim
+                by_prefix = {str(k): e.rank_vectors(member_vectors_now[:, :k]).metrics[tc.select_metric]
+                             for k, e in prefix_evaluators}
+                metrics = {**metrics, "prefix_" + tc.select_metric: by_prefix}
+                score = float(np.mean([score, *by_prefix.values()]))
             log.write(step, "dev", metrics if len(vectors) == 1 else {"member": member, **metrics})
-            scores.append(metrics[tc.select_metric])
+            scores.append(score)
         return record(state, np.asarray(scores, np.float32), np.int32(step)), max(scores)
 
     if start == 0:
@@ -205,7 +222,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     batches = TrainBatches(dataset, train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
                            seed=tc.seed, grade_weighting=config.loss.grade_weighting,
                            relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
-                           shard_index=jax.process_index(), shard_count=jax.process_count())
+                           shard_index=jax.process_index(), shard_count=jax.process_count(), **signals)
     # Early stopping is decided on the host at evaluations; mirroring it here keeps the hot loop sync-free.
     stopped = bool(np.all(state.stopped))
     step, interrupted, sums, count = start, False, None, 0
@@ -268,6 +285,19 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     return summary
 
 
+def _prefix_evaluators(config: Config, dataset: Dataset, dev_qrels: Qrels, host_corpus: np.ndarray, dtype):
+    """(k, dev evaluator over the re-normalised k-prefix index) per Matryoshka prefix size."""
+    evaluators = []
+    for k in matryoshka_dims(config):
+        prefix = host_corpus[:, :k]
+        index = ExactIndex(prefix / np.maximum(np.linalg.norm(prefix, axis=1, keepdims=True), 1e-12),
+                           config.eval.corpus_chunk, dtype)
+        evaluators.append((k, SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
+                                             query_chunk=config.eval.query_chunk,
+                                             relevance_level=config.eval.relevance_level)))
+    return evaluators
+
+
 def _training_mesh(tc) -> Mesh:
     """The (data, corpus) mesh of a run, after checking the batch splits evenly over it."""
     if jax.device_count() % tc.corpus_shards:
@@ -279,6 +309,37 @@ def _training_mesh(tc) -> Mesh:
         raise InputError(f"{per_step} queries per (micro-)batch do not split over {mesh.shape[DATA]} data shards",
                          field="config.train.batch_size")
     return mesh
+
+
+def batch_signals(config: Config, dataset: Dataset, host_corpus: np.ndarray, scored_corpus: np.ndarray,
+                  contrasted: np.ndarray) -> dict:
+    """The loader's optional signals a config asks for, checked against what the dataset holds.
+
+    Sampled candidates come from `scored_corpus` (the rows the task loss scores: with Matryoshka prefixes,
+    `prefix_corpus`), teacher candidates from the plain corpus.
+    """
+    loss = config.loss
+    dims = matryoshka_dims(config)
+    if dims and dims[-1] >= dataset.corpus_dim:
+        raise InputError(f"prefix sizes must be < the corpus dim {dataset.corpus_dim}",
+                         field="config.loss.matryoshka_dims")
+    signals: dict = {}
+    if loss.kind == "sampled":
+        hard = read_candidates(dataset, loss.hard_negatives) if loss.hard_negatives else None
+        signals["sampled"] = SampledCandidates(scored_corpus, contrasted, hard_negatives=hard,
+                                               random_negatives=loss.random_negatives, seed=config.train.seed)
+    elif loss.hard_negatives:
+        raise InputError("hard negatives join the sampled softmax: set loss.kind=sampled",
+                         field="config.loss.hard_negatives")
+    if loss.teacher:
+        signals["teacher"] = TeacherCandidates(host_corpus, read_candidates(dataset, loss.teacher))
+    if loss.distill:
+        signals["query_targets"] = dataset.has_query_targets
+        signals["paired"] = dataset.num_paired > 0
+        if not (signals["query_targets"] or signals["paired"]):
+            raise InputError("loss.distill needs target vectors: ingest with --query-targets and/or "
+                             "--paired-source/--paired-target", file=dataset.location, field="config.loss.distill")
+    return signals
 
 
 def _negative_mask(config: Config, dataset: Dataset, train_qrels: Qrels) -> np.ndarray:

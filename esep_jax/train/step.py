@@ -19,9 +19,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from esep_jax.config import Config, OptimConfig, member_values
+from esep_jax.config import Config, OptimConfig, matryoshka_dims, member_values
 from esep_jax.corpus_softmax import DATA, make_corpus_softmax_loss
-from esep_jax.losses import in_batch_softmax_loss, recovery_penalty, sample_positive
+from esep_jax.losses import (candidate_softmax_loss, distillation_loss, in_batch_softmax_loss, prefix_queries,
+                             recovery_penalty, sample_positive, teacher_kl_loss)
 from esep_jax.models.heads import base_projection, init_params
 
 
@@ -76,7 +77,8 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
     """Builds `train_step(state, batch, corpus) -> (state, metrics)`; jit it, donating the state.
 
     `corpus` is the `(embeddings, mask)` pair of a `ShardedCorpus` on `mesh`: rows split over the `corpus` axis,
-    the mask marking the documents the full-corpus softmax contrasts against. The batch is split over `data`.
+    the mask marking the documents the full-corpus softmax contrasts against (with `loss.matryoshka_dims`,
+    the rows are `losses.prefix_corpus` of the embeddings, as are sampled candidates). The batch is split over `data`.
     With `train.micro_batch_size`, the global batch is processed in micro-batches whose gradients are summed,
     so a batch of any size runs in bounded memory with the result of one big batch. Config values are closed
     over as constants, so they are compiled in rather than traced; metrics are per member, `[E]`.
@@ -88,29 +90,69 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
     values = {name: np.asarray(v, np.float32) for name, v in member_values(config).items()}
     members = config.ensemble.members
     # Temperatures differ per member, so queries are divided by them before a loss built with τ = 1.
+    active_terms = {"loss", "task_loss", "recovery"} | ({"teacher_kl"} if loss_config.teacher else set()) | (
+        {"distill"} if loss_config.distill else set())
     corpus_loss = make_corpus_softmax_loss(mesh, temperature=1.0, z_loss=loss_config.z_loss,
                                            chunk=config.train.corpus_chunk)
 
+    prefixes = matryoshka_dims(config)
+
+    def retrieval_loss(scaled, batch, corpus, key):
+        """The task loss per member and query, `[E, B]`, for temperature-scaled vectors `[E, B, d]`."""
+        if loss_config.kind == "full_corpus":
+            return corpus_loss(scaled, corpus, batch["positive_ids"], batch["positive_weights"])
+        if loss_config.kind == "sampled":
+            return jax.vmap(lambda v: candidate_softmax_loss(
+                v, batch["candidate_vectors"], batch["candidate_bias"], batch["candidate_mask"],
+                batch["candidate_targets"]))(scaled)
+        positive_ids, positive_weights = batch["positive_ids"], batch["positive_weights"]
+        sampled = sample_positive(jax.random.fold_in(key, 1), positive_ids, positive_weights)
+        return jax.vmap(lambda v: in_batch_softmax_loss(v, corpus[0][sampled], sampled, positive_ids,
+                                                        positive_weights, 1.0))(scaled)
+
+    def matryoshka_loss(scaled, batch, corpus, key):
+        """The task loss averaged over prefix sizes. The corpus (or the candidates) is `prefix_corpus`, so each
+        prefix is one more "member" of the same pass over it."""
+        stacked = prefix_queries(scaled, prefixes)  # [P, E, B, D]
+        folded = stacked.reshape(-1, *stacked.shape[2:])
+        return retrieval_loss(folded, batch, corpus, key).reshape(stacked.shape[0], members, -1).mean(axis=0)
+
+    task_loss = matryoshka_loss if prefixes else retrieval_loss
+
     def summed_loss(params, batch, corpus, key):
         """Per-member sums over the (micro-)batch; the caller divides by the global batch size."""
-        queries, positive_ids, positive_weights = batch["queries"], batch["positive_ids"], batch["positive_weights"]
+        queries = batch["queries"]
         member_keys = jax.random.split(jax.random.fold_in(key, 0), members)
 
-        def forward(member_params, member_key, dropout_rate):
-            return head.apply({"params": member_params}, queries, train=True, dropout_rate=dropout_rate,
+        def forward(member_params, member_key, dropout_rate, inputs):
+            return head.apply({"params": member_params}, inputs, train=True, dropout_rate=dropout_rate,
                               rngs={"dropout": member_key})
 
-        vectors = jax.vmap(forward)(params, member_keys, values["dropout"])  # [E, B, d]
+        vectors = jax.vmap(forward, in_axes=(0, 0, 0, None))(params, member_keys, values["dropout"], queries)
         scaled = vectors / values["temperature"][:, None, None]
-        if loss_config.kind == "full_corpus":
-            per_query = corpus_loss(scaled, corpus, positive_ids, positive_weights)
-        else:
-            sampled = sample_positive(jax.random.fold_in(key, 1), positive_ids, positive_weights)
-            per_query = jax.vmap(lambda v: in_batch_softmax_loss(v, corpus[0][sampled], sampled, positive_ids,
-                                                                 positive_weights, 1.0))(scaled)
-        task = per_query.sum(axis=1)
-        recovery = recovery_penalty(vectors, base_projection(queries, vectors.shape[-1])).sum(axis=1)
-        return (task + values["recovery_weight"] * recovery).sum(), (task, recovery)
+        zeros = jnp.zeros((members,), jnp.float32)
+        terms = {"task_loss": zeros, "teacher_kl": zeros, "distill": zeros}
+        if loss_config.task_weight > 0:
+            terms["task_loss"] = task_loss(scaled, batch, corpus, key).sum(axis=1)
+        if loss_config.teacher:
+            terms["teacher_kl"] = jax.vmap(lambda v: teacher_kl_loss(
+                v, batch["teacher_vectors"], batch["teacher_scores"], batch["teacher_mask"],
+                loss_config.teacher_temperature))(scaled).sum(axis=1)
+        if loss_config.distill:
+            if "target_vectors" in batch:
+                terms["distill"] += distillation_loss(vectors, batch["target_vectors"][None],
+                                                      loss_config.distill).sum(axis=1)
+            if "paired_source" in batch:
+                mapped = jax.vmap(forward, in_axes=(0, 0, 0, None))(
+                    params, jax.random.split(jax.random.fold_in(key, 2), members), values["dropout"],
+                    batch["paired_source"])
+                terms["distill"] += distillation_loss(mapped, batch["paired_target"][None],
+                                                      loss_config.distill).sum(axis=1)
+        terms["recovery"] = recovery_penalty(vectors, base_projection(queries, vectors.shape[-1])).sum(axis=1)
+        total = (loss_config.task_weight * terms["task_loss"] + loss_config.teacher_weight * terms["teacher_kl"]
+                 + loss_config.distill_weight * terms["distill"] + values["recovery_weight"] * terms["recovery"])
+        terms["loss"] = total
+        return total.sum(), terms
 
     summed_grad = jax.grad(summed_loss, has_aux=True)
 
@@ -126,7 +168,8 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
             grads, sums = summed_grad(params, micro_batch, corpus, jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, total, (grads, sums)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.zeros((members,)), jnp.zeros((members,))))
+        zeros = (jax.tree.map(jnp.zeros_like, params),
+                 {name: jnp.zeros((members,)) for name in ("task_loss", "teacher_kl", "distill", "recovery", "loss")})
         total, _ = jax.lax.scan(accumulate, zeros, (jax.tree.map(split, batch), jnp.arange(num_micro)))
         return total
 
@@ -143,16 +186,15 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
     def train_step(state: TrainState, batch: dict, corpus: tuple[jax.Array, jax.Array]):
         key = jax.random.fold_in(seed_key, state.step)
         if num_micro == 1:
-            grads, (task, recovery) = summed_grad(state.params, batch, corpus, key)
+            grads, terms = summed_grad(state.params, batch, corpus, key)
         else:
-            grads, (task, recovery) = micro_batched_grad(state.params, batch, corpus, key)
+            grads, terms = micro_batched_grad(state.params, batch, corpus, key)
         grads = jax.tree.map(lambda g: g / batch_size, grads)
-        task, recovery = task / batch_size, recovery / batch_size
         learning_rate = schedule(state.step) * values["learning_rate"]
         params, opt_state, grad_norm = jax.vmap(member_update)(
             grads, state.opt_state, state.params, learning_rate, values["weight_decay"], state.stopped)
-        metrics = {"loss": task + values["recovery_weight"] * recovery, "task_loss": task, "recovery": recovery,
-                   "grad_norm": grad_norm, "learning_rate": learning_rate}
+        metrics = {name: value / batch_size for name, value in terms.items() if name in active_terms}
+        metrics.update(grad_norm=grad_norm, learning_rate=learning_rate)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
