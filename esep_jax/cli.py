@@ -457,16 +457,49 @@ def _run_teacher(args) -> int:
     return 0
 
 
+def _add_drift(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "drift", help="query drift: retention of closed-form maps and trained heads (B's queries, A's index)",
+        description="On a drift dataset (A's corpus, B's queries; optionally A's query embeddings via "
+                    "--query-targets at ingest), fit the closed-form maps (mean shift, Procrustes, ridge) and "
+                    "report nDCG@10 and retention = metric / B native for them and for trained runs.")
+    parser.add_argument("--data", required=True, help="drift dataset directory")
+    parser.add_argument("--split", default="test", help="split to report (default: test)")
+    parser.add_argument("--corpus-b", default=None, metavar="NPY",
+                        help="B's corpus embeddings in the dataset's corpus row order (for B native and retention)")
+    parser.add_argument("--workdir", action="append", default=[], metavar="RUN",
+                        help="a trained run to add to the report (repeatable)")
+    parser.add_argument("--train", default="train", help="split the closed-form maps are fitted on")
+    parser.add_argument("--dev", default="dev", help="split the ridge alpha is chosen on")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    parser.set_defaults(handler=_run_drift)
+
+
+def _run_drift(args) -> int:
+    import json
+
+    from esep_jax import drift
+    from esep_jax.atomic import atomic_write_text
+
+    try:
+        rows = drift.run(args.data, args.split, corpus_b=args.corpus_b, workdirs=args.workdir, train=args.train,
+                         dev=args.dev, log=lambda message: print(message, file=sys.stderr))
+    except ValueError as error:  # B's corpus of the wrong shape, or not an array
+        raise InputError(str(error), file=args.corpus_b) from None
+    print(drift.markdown_table(rows))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="esep-jax",
         description="Train searching modules <f(enc(q)), enc(d)> over frozen, precomputed embeddings.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_ingest, _add_train, _add_eval, _add_sweep, _add_export, _add_search, _add_bench):
+    for add in (_add_ingest, _add_mix, _add_train, _add_eval, _add_sweep, _add_mine, _add_teacher, _add_drift,
+                _add_export, _add_search, _add_bench):
         add(subparsers)
-    _add_mix(subparsers)
-    _add_mine(subparsers)
-    _add_teacher(subparsers)
     return parser
 
 

@@ -29,6 +29,10 @@ class ModelConfig:
     # An output bias b adds <b, d> to every document's score: a pure document prior that lifts documents seen
     # as positives in training over unseen ones. Off by default; useful for drift maps (a mean shift).
     use_bias: bool = False
+    # Where a linear head starts: the identity, or a closed-form map fitted on the training split
+    # (paired_ridge | paired_procrustes | mean_shift | supervised_ridge | supervised_procrustes; see
+    # esep_jax/train/initialisers.py). Dev early stopping then starts from that map.
+    init: str = "identity"
 
 
 @dataclasses.dataclass
@@ -189,6 +193,8 @@ class Config:
 
 CHOICES = {
     "model.head": ("linear", "lowrank", "mlp"),
+    "model.init": ("identity", "paired_ridge", "paired_procrustes", "mean_shift", "supervised_ridge",
+                   "supervised_procrustes"),
     "loss.kind": ("full_corpus", "in_batch", "sampled"),
     "loss.distill": ("", "mse", "cosine"),
     "loss.negatives": ("all", "judged"),
@@ -236,6 +242,8 @@ def validate(config: Config) -> Config:
     if config.loss.teacher_temperature <= 0:
         raise InputError("must be > 0", field="config.loss.teacher_temperature")
     matryoshka_dims(config)  # parses, or names the field
+    if config.model.init != "identity" and config.model.head != "linear":
+        raise InputError("closed-form initialisers set a linear head", field="config.model.init")
     if config.loss.kind == "sampled" and config.train.micro_batch_size not in (0, config.train.batch_size):
         raise InputError("micro-batching applies to loss.kind=full_corpus", field="config.train.micro_batch_size")
     if not 0.0 < config.train.holdout_fraction < 1.0:

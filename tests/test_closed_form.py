@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -155,28 +157,48 @@ def test_ridge_to_positive_documents_beats_the_identity(synthetic_dataset):
     assert test.rank(lambda q: cf.apply_map(q, cf.orthogonal_procrustes(source, target))).metrics["ndcg@10"] > 0.5
 
 
-def test_retention_report_on_a_rotated_encoder(synthetic_dataset):
+def test_drift_report_on_a_rotated_encoder(synthetic_dataset, tmp_path, capsys):
     """Encoder B = A followed by a rotation (queries and documents alike): B native equals A native, the
     unmapped B queries fail on A's index, and the fitted maps bring them back (retention ~ 1)."""
+    from esep_jax.cli import main
     from esep_jax.data.dataset import Dataset
-    from esep_jax.drift import fit_drift_maps, markdown_table, retention_report
+    from esep_jax.drift import drift_report, fit_drift_maps, markdown_table
 
-    dataset = Dataset(synthetic_dataset)
-    R = random_orthogonal(dataset.query_dim, 9)
-    num_queries = len(dataset.ids("queries"))
-    queries_B = dataset.read_queries(np.arange(num_queries)) @ R
-    corpus_B = dataset.read_corpus() @ R
-    maps = fit_drift_maps(dataset, queries_B)
+    dataset_A = Dataset(synthetic_dataset)
+    R = random_orthogonal(dataset_A.query_dim, 9)
+    queries_A = dataset_A.read_queries(np.arange(len(dataset_A.ids("queries"))))
+    np.save(tmp_path / "queries_A.npy", queries_A)
+    np.save(tmp_path / "queries_B.npy", (queries_A @ R).astype(np.float32))
+    np.save(tmp_path / "corpus_A.npy", dataset_A.read_corpus())
+    np.save(tmp_path / "corpus_B.npy", (dataset_A.read_corpus() @ R).astype(np.float32))
+    for name, ids in (("corpus_ids.txt", dataset_A.ids("corpus")), ("query_ids.txt", dataset_A.ids("queries"))):
+        (tmp_path / name).write_text("\n".join(ids) + "\n")
+    qrels = []
+    for split in ("train", "dev", "test"):
+        split_qrels = dataset_A.qrels(split)
+        lines = [f"{dataset_A.ids('queries')[split_qrels.query_rows[i]]}\t{dataset_A.ids('corpus')[d]}\t{g}"
+                 for i in range(split_qrels.num_queries) for d, g in zip(*split_qrels.judgements(i))]
+        (tmp_path / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        qrels += ["--qrels", f"{split}={tmp_path / f'{split}.tsv'}"]
+    ingest = ["ingest", "--corpus", str(tmp_path / "corpus_A.npy"), "--corpus-ids", str(tmp_path / "corpus_ids.txt"),
+              "--queries", str(tmp_path / "queries_B.npy"), "--query-ids", str(tmp_path / "query_ids.txt"), *qrels]
+    assert main([*ingest, "--query-targets", str(tmp_path / "queries_A.npy"), "--out", str(tmp_path / "drift")]) == 0
+    dataset = Dataset(str(tmp_path / "drift"))
+    maps = fit_drift_maps(dataset)
     assert {"identity (B on A, no map)", "paired mean shift", "paired Procrustes",
             "paired ridge (E prior)", "supervised ridge (E prior)"} <= set(maps)
-    rows = {r["system"]: r for r in retention_report(dataset, queries_B, "test", maps, corpus_B)}
+    rows = {r["system"]: r for r in drift_report(dataset, "test", maps, corpus_b=np.load(tmp_path / "corpus_B.npy"))}
     assert rows["B native"]["ndcg@10"] == pytest.approx(rows["A native"]["ndcg@10"], abs=1e-3)
     assert rows["identity (B on A, no map)"]["retention"] < 0.6
     assert rows["paired Procrustes"]["retention"] == pytest.approx(1.0, abs=1e-3)
     assert rows["paired ridge (E prior)"]["retention"] > 0.98
     assert "| paired Procrustes |" in markdown_table(list(rows.values()))
-    # Without B's corpus there is no B native row and no retention.
-    no_native = retention_report(dataset, queries_B, "test", {"p": maps["paired Procrustes"]})
-    assert [r["system"] for r in no_native] == ["A native", "p"] and no_native[1]["retention"] is None
-    with pytest.raises(ValueError, match="rows"):
-        retention_report(dataset, queries_B[:5], "test", {})
+    # Without query targets: no A native and no paired maps; without B's corpus: no retention.
+    assert main([*ingest, "--out", str(tmp_path / "bare")]) == 0
+    capsys.readouterr()
+    assert main(["drift", "--data", str(tmp_path / "bare"), "--json", str(tmp_path / "rows.json")]) == 0
+    systems = [r["system"] for r in json.loads((tmp_path / "rows.json").read_text())]
+    assert "A native" not in systems and not any(s.startswith("paired") for s in systems)
+    assert "supervised ridge (E prior)" in systems and "| system |" in capsys.readouterr().out
+    np.save(tmp_path / "short.npy", np.zeros((3, dataset.query_dim), np.float32))
+    assert main(["drift", "--data", str(tmp_path / "drift"), "--corpus-b", str(tmp_path / "short.npy")]) == 2

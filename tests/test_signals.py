@@ -236,3 +236,40 @@ def test_matryoshka_loss_is_the_mean_of_prefix_losses(synthetic_dataset):
                                                  batch["positive_ids"], batch["positive_weights"], 1.0).mean()
                         for k in (4, 8, 16)])
     np.testing.assert_allclose(float(metrics["task_loss"][0]), expected, rtol=1e-5)
+
+
+def test_closed_form_initialiser_starts_from_the_fitted_map(tmp_path):
+    """Procrustes recovers a rotation exactly: a run started from it is at A's native quality at step 0."""
+    sources = write_synthetic_sources(tmp_path / "src", dim=16)
+    rotation, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(16, 16)))
+    np.save(tmp_path / "b_queries.npy", (np.load(sources["queries"]) @ rotation).astype(np.float32))
+    args = ingest_args({**sources, "queries": str(tmp_path / "b_queries.npy")}, tmp_path / "drift")
+    assert main(args + ["--query-targets", sources["queries"]]) == 0
+    assert main(ingest_args(sources, tmp_path / "native")) == 0
+    from esep_jax.eval.report import evaluate_split
+
+    native = evaluate_split(str(tmp_path / "native"), "dev")["base"]["ndcg@10"]
+    _train(str(tmp_path / "drift"), tmp_path / "run", "--config.model.init=paired_procrustes",
+           "--config.train.num_steps=20", "--config.loss.recovery_weight=0")
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kind"] == "dev" and first["step"] == 0
+    assert first["ndcg@10"] == pytest.approx(native, abs=0.01)
+    code = main(["train", "--data", str(tmp_path / "native"), "--workdir", str(tmp_path / "bad"), *FAST,
+                 "--config.model.init=paired_ridge"])
+    assert code == 2  # no target vectors to fit a paired map on
+
+
+def test_matryoshka_run_is_selected_and_evaluated_per_prefix(synthetic_dataset, tmp_path, capsys):
+    _train(synthetic_dataset, tmp_path / "run", "--config.loss.matryoshka_dims=4,8")
+    dev = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if '"dev"' in line]
+    assert set(dev[0]["prefix_ndcg@10"]) == {"4", "8"}
+    capsys.readouterr()
+    assert main(["eval", "--data", synthetic_dataset, "--workdir", str(tmp_path / "run"),
+                 "--json", str(tmp_path / "test.json")]) == 0
+    result = json.loads((tmp_path / "test.json").read_text())
+    assert set(result["prefixes"]) == {"4", "8", "16"}
+    assert result["prefixes"]["16"]["head"]["ndcg@10"] == pytest.approx(result["head"]["ndcg@10"])
+    for k in ("4", "8"):  # trained for the truncated index, the head beats the truncated base embeddings
+        assert result["prefixes"][k]["head"]["ndcg@10"] > result["prefixes"][k]["base"]["ndcg@10"]
+    assert "index of the first 8 dims" in capsys.readouterr().out

@@ -35,6 +35,7 @@ from esep_jax.eval.retrieval import ExactIndex
 from esep_jax.models.heads import build_head
 from esep_jax.train.checkpoint import (CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like,
                                       abstract_on_one_device, read_run_config)
+from esep_jax.train.initialisers import fit_initial_map, initialise_params
 from esep_jax.train.metrics_log import MetricsLog
 from esep_jax.train.workdir_lock import workdir_lock
 from esep_jax.train.step import TrainState, apply_members, create_state, make_optimizer, make_train_step
@@ -194,7 +195,6 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
                                query_chunk=config.eval.query_chunk, relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
     prefix_evaluators = _prefix_evaluators(config, dataset, dev_qrels, host_corpus, corpus_dtype)
-    del host_corpus  # the loader's signals keep their own reference when they need it
     # Jitted with the state's own shardings, so the record stays a global array on every process.
     record = jax.jit(functools.partial(record_evaluation, patience=tc.patience), donate_argnums=(0,),
                      out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
@@ -216,6 +216,8 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
         return record(state, np.asarray(scores, np.float32), np.int32(step)), max(scores)
 
     if start == 0:
+        if config.model.init != "identity":
+            state = _closed_form_start(state, config, dataset, train_qrels, host_corpus, evaluator)
         state, _ = evaluate_and_record(state, 0)
         checkpointer.save(0, state)
 
@@ -226,6 +228,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     # Early stopping is decided on the host at evaluations; mirroring it here keeps the hot loop sync-free.
     stopped = bool(np.all(state.stopped))
     step, interrupted, sums, count = start, False, None, 0
+    del host_corpus  # the loader's signals keep their own reference when they need it
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", unit="step", disable=not progress, leave=False)
     with _StopRequest() as stop:
         for step_index, local_batch in batches.iterate(start, start if stopped else tc.num_steps):
@@ -283,6 +286,15 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
         atomic_write_text(workdir / ENSEMBLE_FILE, json.dumps({"weights": weights.tolist()}) + "\n")
         atomic_write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _closed_form_start(state: TrainState, config: Config, dataset: Dataset, train_qrels: Qrels,
+                       corpus: np.ndarray, dev: SplitEvaluator) -> TrainState:
+    """The state with every member's head (and best-so-far head) set to the fitted closed-form map."""
+    transform = fit_initial_map(config, dataset, train_qrels, corpus, dev)
+    params = initialise_params(jax.device_get(state.params), transform, config.model.use_bias)
+    params = jax.device_put(params, jax.tree.map(lambda leaf: leaf.sharding, state.params))
+    return state.replace(params=params, best_params=jax.tree.map(jnp.copy, params))
 
 
 def _prefix_evaluators(config: Config, dataset: Dataset, dev_qrels: Qrels, host_corpus: np.ndarray, dtype):
