@@ -33,3 +33,11 @@ def test_bench_over_device_counts_uses_one_process_per_count(tmp_path):
     assert [r["devices"] for r in records] == [1, 2]
     assert records[1]["mesh"] == {"data": 1, "corpus": 2}
     assert records[0]["torch_status"] == "skipped" and records[0]["torch_ratio"] is None
+
+
+def test_member_cost_is_measured_in_alternation():
+    from esep_jax.bench.train import interleaved_member_cost
+
+    result = interleaved_member_cost(2000, 16, 64, 4, chunk=256, rounds=1)
+    assert result["single_step_s"] > 0 and result["ensemble_step_s"] > 0
+    assert result["per_member_cost"] == pytest.approx(result["ensemble_step_s"] / 4 / result["single_step_s"])

@@ -69,12 +69,9 @@ def matmul_flops(batch_per_device: int, dim: int, dtype, mesh, repeats: int = 3,
     return best
 
 
-def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, dtype: str = "float32",
-                 steps: int = 2, corpus_shards: int | None = None, seed: int = 0, members: int = 1) -> dict:
-    """Times the real jitted train step (linear heads, full-corpus softmax) on this process's devices.
-
-    With `members` > 1 the step trains an ensemble: every member scores the batch against the corpus, so the
-    work — and the FLOPs counted — grow by the number of members."""
+def _compiled_step(corpus_size: int, dim: int, batch: int, *, chunk: int, dtype: str, corpus_shards: int | None,
+                   seed: int, members: int):
+    """(compiled step, state, arguments, corpus, mesh, static peak bytes) for synthetic data of these sizes."""
     devices = jax.device_count()
     mesh = make_data_corpus_mesh(corpus_shards or devices)
     corpus_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -99,7 +96,19 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
     memory = compiled.memory_analysis()
     static_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                    + memory.temp_size_in_bytes) if memory is not None else None
+    return compiled, state, arguments, corpus, mesh, static_peak
 
+
+def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, dtype: str = "float32",
+                 steps: int = 2, corpus_shards: int | None = None, seed: int = 0, members: int = 1) -> dict:
+    """Times the real jitted train step (linear heads, full-corpus softmax) on this process's devices.
+
+    With `members` > 1 the step trains an ensemble: every member scores the batch against the corpus, so the
+    work — and the FLOPs counted — grow by the number of members."""
+    devices = jax.device_count()
+    corpus_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    compiled, state, arguments, corpus, mesh, static_peak = _compiled_step(
+        corpus_size, dim, batch, chunk=chunk, dtype=dtype, corpus_shards=corpus_shards, seed=seed, members=members)
     state, metrics = compiled(state, *arguments)
     jax.block_until_ready(metrics)
     best = float("inf")
@@ -124,6 +133,28 @@ def measure_step(corpus_size: int, dim: int, batch: int, *, chunk: int = 8192, d
         "loss": float(metrics["loss"].mean()), "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
     }
+
+
+def interleaved_member_cost(corpus_size: int, dim: int, batch: int, members: int, *, chunk: int = 8192,
+                            dtype: str = "float32", rounds: int = 5, seed: int = 0) -> dict:
+    """Per-member cost of an ensemble, `(ensemble step / E) ÷ single step`, from alternating timings.
+
+    A single head's step and an E-member ensemble's step are compiled side by side and timed in turns, the
+    best of `rounds` kept for each, so a machine whose speed drifts (other jobs, clock changes) slows both
+    alike instead of biasing the ratio."""
+    built = {count: _compiled_step(corpus_size, dim, batch, chunk=chunk, dtype=dtype, corpus_shards=None,
+                                   seed=seed, members=count) for count in (1, members)}
+    states = {count: b[1] for count, b in built.items()}
+    best = {count: float("inf") for count in built}
+    for round_index in range(rounds + 1):
+        for count, (compiled, _, arguments, *_) in built.items():
+            start = time.perf_counter()
+            states[count], metrics = compiled(states[count], *arguments)
+            jax.block_until_ready(metrics)
+            if round_index:  # round 0 warms up
+                best[count] = min(best[count], time.perf_counter() - start)
+    return {"members": members, "single_step_s": best[1], "ensemble_step_s": best[members],
+            "per_member_cost": best[members] / members / best[1], "rounds": rounds}
 
 
 def measure_in_subprocess(devices: int, **options) -> dict:
@@ -159,6 +190,12 @@ def run_benchmarks(corpus_sizes, dims, batches, device_counts, *, chunk: int, dt
                     measure_in_subprocess(devices, **options)
                 if member_count == 1:
                     single = record
+                elif single is not None and devices == jax.device_count():
+                    # Sequential timings carry the machine's drift; the alternating measurement does not.
+                    record["per_member_cost_sequential"] = record["step_s"] / member_count / single["step_s"]
+                    record["per_member_cost"] = interleaved_member_cost(
+                        corpus_size, dim, batch, member_count, chunk=chunk, dtype=dtype,
+                        rounds=max(steps, 3))["per_member_cost"]
                 elif single is not None:
                     record["per_member_cost"] = record["step_s"] / member_count / single["step_s"]
                 torch_pairs = baseline.get("pairs_per_s") if member_count == 1 else None
