@@ -14,7 +14,7 @@ from esep_jax.config import load_config, member_values
 from esep_jax.ensemble import combine, greedy_selection
 from esep_jax.errors import InputError
 
-FAST = ["--config.train.num_steps=40", "--config.train.eval_every=10", "--config.train.checkpoint_every=20",
+FAST = ["--config.optim.weight_decay=1e-4", "--config.train.num_steps=40", "--config.train.eval_every=10", "--config.train.checkpoint_every=20",
         "--config.train.batch_size=32", "--config.optim.warmup_steps=5", "--no-progress"]
 
 
@@ -46,7 +46,7 @@ def test_per_member_values_are_checked():
 
 
 def test_an_ensemble_member_trains_as_it_would_alone(synthetic_dataset, tmp_path):
-    alone = ["--config.optim.learning_rate=3e-3", "--config.loss.temperature=0.1"]
+    alone = ["--config.optim.learning_rate=3e-3", "--config.optim.weight_decay=1e-4", "--config.loss.temperature=0.1"]
     assert main(["train", "--data", synthetic_dataset, "--workdir", str(tmp_path / "alone"), *FAST, *alone]) == 0
     together = ["--config.ensemble.members=3", "--config.ensemble.learning_rate=3e-3,1e-2,1e-3",
                 "--config.ensemble.temperature=0.1,0.05,0.2"]

@@ -121,7 +121,7 @@ def test_mining_through_a_trained_head(mining_data, tmp_path):
     # dev = train so a few steps already beat the base and the best head is not the identity.
     assert main(["train", "--data", mining_data["path"], "--workdir", str(workdir), "--no-progress",
                  "--config.train.num_steps=10", "--config.train.eval_every=5", "--config.train.batch_size=8",
-                 "--config.optim.warmup_steps=1", "--config.optim.learning_rate=3e-2",
+                 "--config.optim.warmup_steps=1", "--config.optim.learning_rate=3e-2", "--config.optim.weight_decay=1e-4",
                  "--config.train.dev_split=train"]) == 0
     dataset = Dataset(mining_data["path"])
     _, head, params, weights, best_steps = load_best_head(workdir, dataset)

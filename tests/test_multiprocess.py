@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, assert_states_equal, final_train_state
 
 RUN = ["--config.train.num_steps=30", "--config.train.eval_every=10", "--config.train.checkpoint_every=10",
-       "--config.train.batch_size=32", "--config.train.patience=100", "--config.optim.learning_rate=1e-2",
+       "--config.train.batch_size=32", "--config.train.patience=100", "--config.optim.learning_rate=1e-2", "--config.optim.weight_decay=1e-4",
        "--no-progress"]
 
 

@@ -16,7 +16,7 @@ from esep_jax.serving import BundleError, QueryError, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--config.train.num_steps=10", "--config.train.eval_every=10", "--config.train.batch_size=32",
-         "--config.optim.learning_rate=1e-2", "--config.optim.warmup_steps=2", "--no-progress"]
+         "--config.optim.learning_rate=1e-2", "--config.optim.weight_decay=1e-4", "--config.optim.warmup_steps=2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from esep_jax.data.candidates import Candidates
 from esep_jax.losses import (candidate_softmax_loss, distillation_loss, full_corpus_softmax_loss, prefix_corpus, prefix_queries,
                              teacher_kl_loss)
 
-FAST = ["--config.train.num_steps=60", "--config.train.eval_every=20", "--config.train.checkpoint_every=20",
+FAST = ["--config.optim.weight_decay=1e-4", "--config.train.num_steps=60", "--config.train.eval_every=20", "--config.train.checkpoint_every=20",
         "--config.train.batch_size=32", "--config.train.log_every=10", "--config.optim.warmup_steps=5",
-        "--config.train.patience=100", "--no-progress", "--config.optim.learning_rate=1e-2",
+        "--config.train.patience=100", "--no-progress", "--config.optim.learning_rate=1e-2", "--config.optim.weight_decay=1e-4",
         "--config.loss.recovery_weight=0.1"]
 
 
@@ -197,7 +197,7 @@ def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, with_p
     assert main(args) == 0
     summary = _train(str(tmp_path / "drift"), tmp_path / "run", "--config.loss.distill=mse",
                      "--config.loss.task_weight=0", "--config.loss.recovery_weight=0",
-                     "--config.train.num_steps=200", "--config.optim.learning_rate=5e-2")
+                     "--config.train.num_steps=200", "--config.optim.learning_rate=5e-2", "--config.optim.weight_decay=1e-4")
     assert main(ingest_args(sources, tmp_path / "native")) == 0
     from esep_jax.eval.report import evaluate_split
 

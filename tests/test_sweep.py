@@ -37,7 +37,7 @@ def test_sweep_writes_leaderboard_and_plots(synthetic_dataset, tmp_path):
     sweep_file.write_text(
         "from esep_jax.config import Config\n"
         "def get_config():\n    c = Config()\n    c.train.num_steps = 30\n    c.train.eval_every = 10\n"
-        "    c.train.batch_size = 32\n    c.optim.warmup_steps = 5\n    c.model.rank = 4\n    return c\n"
+        "    c.train.batch_size = 32\n    c.optim.warmup_steps = 5\n    c.optim.weight_decay = 1e-4\n    c.model.rank = 4\n    return c\n"
         "def get_sweep():\n    return {'grid': {'model.head': ['linear', 'lowrank'],"
         " 'optim.learning_rate': [1e-3, 1e-2]}}\n")
     workdir = tmp_path / "sweep"

@@ -11,7 +11,7 @@ import pytest
 from conftest import final_train_state
 from esep_jax.cli import main
 
-FAST = ["--config.train.num_steps=60", "--config.train.eval_every=20", "--config.train.checkpoint_every=20",
+FAST = ["--config.optim.weight_decay=1e-4", "--config.train.num_steps=60", "--config.train.eval_every=20", "--config.train.checkpoint_every=20",
         "--config.train.batch_size=32", "--config.train.log_every=10", "--config.optim.warmup_steps=5",
         "--config.train.patience=100", "--no-progress"]
 
@@ -20,7 +20,7 @@ FAST = ["--config.train.num_steps=60", "--config.train.eval_every=20", "--config
 def test_training_beats_base_and_writes_run_files(synthetic_dataset, tmp_path, capsys, loss, head):
     workdir = tmp_path / "run"
     args = ["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST,
-            f"--config.loss.kind={loss}", f"--config.model.head={head}", "--config.optim.learning_rate=1e-2",
+            f"--config.loss.kind={loss}", f"--config.model.head={head}", "--config.optim.learning_rate=1e-2", "--config.optim.weight_decay=1e-4",
             "--config.loss.recovery_weight=0.1", "--config.train.num_steps=100"]
     assert main(args) == 0
     assert json.loads((workdir / "config.json").read_text())["model"]["head"] == head
@@ -43,7 +43,7 @@ def test_training_beats_base_and_writes_run_files(synthetic_dataset, tmp_path, c
 def test_early_stopping_keeps_the_best_dev_head(synthetic_dataset, tmp_path):
     workdir = tmp_path / "run"
     # A learning rate this high, kept constant, wrecks the head; the identity (step 0) must be kept.
-    args = ["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST, "--config.optim.learning_rate=500",
+    args = ["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST, "--config.optim.learning_rate=500", "--config.optim.weight_decay=1e-4",
             "--config.optim.end_learning_rate_fraction=1", "--config.optim.grad_clip_norm=0",
             "--config.train.patience=2", "--config.loss.recovery_weight=0"]
     assert main(args) == 0

@@ -89,12 +89,11 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
     seed_key = jax.random.key(config.train.seed)
     values = {name: np.asarray(v, np.float32) for name, v in member_values(config).items()}
     members = config.ensemble.members
-    # Temperatures differ per member, so queries are divided by them before a loss built with τ = 1.
     active_terms = {"loss", "task_loss", "recovery"} | ({"teacher_kl"} if loss_config.teacher else set()) | (
         {"distill"} if loss_config.distill else set())
+    # Temperatures differ per member, so queries are divided by them before a loss built with τ = 1.
     corpus_loss = make_corpus_softmax_loss(mesh, temperature=1.0, z_loss=loss_config.z_loss,
                                            chunk=config.train.corpus_chunk)
-
     prefixes = matryoshka_dims(config)
 
     def retrieval_loss(scaled, batch, corpus, key):
