@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--splits", default="train,dev,test")
     parser.add_argument("--depth", type=int, default=100, help="candidates per query from each scorer")
     parser.add_argument("--dev", default="dev", help="split on which alpha is chosen")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="fix the dense weight instead of choosing it on dev (1 = the dense scores alone)")
     args = parser.parse_args(argv)
     import bm25s
     import Stemmer
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     alphas = np.round(np.linspace(0, 1, 11), 2)
     dev_scores = {float(a): ndcg(dev_queries, cand, valid, a * dense + (1 - a) * lexical, qrels[args.dev])
                   for a in alphas}
-    alpha = max(dev_scores, key=lambda a: (dev_scores[a], a))
+    alpha = max(dev_scores, key=lambda a: (dev_scores[a], a)) if args.alpha is None else args.alpha
     print(f"dev nDCG@10 by alpha: {dev_scores}; alpha = {alpha}")
 
     out = Path(args.out)
