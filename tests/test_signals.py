@@ -273,3 +273,18 @@ def test_matryoshka_run_is_selected_and_evaluated_per_prefix(synthetic_dataset, 
     for k in ("4", "8"):  # trained for the truncated index, the head beats the truncated base embeddings
         assert result["prefixes"][k]["head"]["ndcg@10"] > result["prefixes"][k]["base"]["ndcg@10"]
     assert "index of the first 8 dims" in capsys.readouterr().out
+
+
+def test_drift_tables_are_validated_at_ingest(tmp_path, capsys):
+    sources = write_synthetic_sources(tmp_path / "src", dim=16)
+    np.save(tmp_path / "wrong_dim.npy", np.ones((300, 8), np.float32))
+    np.save(tmp_path / "short.npy", np.ones((299, 16), np.float32))
+    base = ingest_args(sources, tmp_path / "out")
+    assert main(base + ["--query-targets", str(tmp_path / "wrong_dim.npy")]) == 2
+    assert "wrong_dim.npy" in capsys.readouterr().err
+    assert main(base + ["--query-targets", str(tmp_path / "short.npy")]) == 2
+    assert "short.npy" in capsys.readouterr().err
+    assert main(base + ["--paired-source", str(tmp_path / "short.npy")]) == 2  # needs --paired-target too
+    assert main(base + ["--paired-source", str(tmp_path / "short.npy"),
+                        "--paired-target", str(tmp_path / "wrong_dim.npy")]) == 2
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -23,15 +23,15 @@ from tqdm import tqdm
 from esep_jax.atomic import atomic_write_text
 from esep_jax.config import Config, matryoshka_dims, save_config, to_dict
 from esep_jax.corpus_softmax import DATA, ShardedCorpus, make_data_corpus_mesh
-from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.data.batch_signals import SampledCandidates, TeacherCandidates
 from esep_jax.data.candidates import read_candidates
+from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.data.loader import TrainBatches
 from esep_jax.ensemble import combine, greedy_selection
-from esep_jax.losses import prefix_corpus
 from esep_jax.errors import InputError
 from esep_jax.eval.evaluate import SplitEvaluator
 from esep_jax.eval.retrieval import ExactIndex
+from esep_jax.losses import prefix_corpus
 from esep_jax.models.heads import build_head
 from esep_jax.train.checkpoint import (CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like,
                                       abstract_on_one_device, read_run_config)
