@@ -484,7 +484,7 @@ def _run_drift(args) -> int:
     try:
         rows = drift.run(args.data, args.split, corpus_b=args.corpus_b, workdirs=args.workdir, train=args.train,
                          dev=args.dev, log=lambda message: print(message, file=sys.stderr))
-    except ValueError as error:  # B's corpus of the wrong shape, or not an array
+    except (ValueError, OSError, EOFError) as error:  # B's corpus: missing, not an array, or the wrong shape
         raise InputError(str(error), file=args.corpus_b) from None
     print(drift.markdown_table(rows))
     if args.json:

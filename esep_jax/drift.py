@@ -75,10 +75,9 @@ def drift_report(dataset: Dataset, split: str, maps: dict[str, closed_form.Map],
     qrels = dataset.qrels(split)
     on_A = SplitEvaluator(dataset, qrels, ExactIndex(corpus))
     rows = []
-    if dataset.has_query_targets:
-        native_A = SplitEvaluator(dataset, qrels, on_A.index)
-        native_A.queries = dataset.table("queries/targets")[np.asarray(qrels.query_rows, np.int64)].read().result()
-        rows.append(_row("A native", native_A.rank_vectors(native_A.queries.astype(np.float32)), metrics))
+    if dataset.has_query_targets:  # A's own embeddings of the same queries, on A's index
+        queries_A = dataset.table("queries/targets")[np.asarray(qrels.query_rows, np.int64)].read().result()
+        rows.append(_row("A native", on_A.rank_vectors(queries_A.astype(np.float32)), metrics))
     native = None
     if corpus_b is not None:
         corpus_b = np.asarray(corpus_b, np.float32)

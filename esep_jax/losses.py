@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def target_distribution(positive_ids: jax.Array, positive_weights: jax.Array) -> jax.Array:
@@ -104,21 +105,25 @@ def distillation_loss(vectors: jax.Array, targets: jax.Array, kind: str) -> jax.
     raise ValueError(f"unknown distillation kind {kind!r}")
 
 
-def prefix_corpus(corpus, dims: list[int]):
-    """The corpus seen by a Matryoshka loss: `[N, Σk + d]`, each prefix k re-normalised, then the full rows.
+def truncated_index_rows(corpus: np.ndarray, k: int) -> np.ndarray:
+    """The rows of an index truncated to k dimensions: each document's first k dimensions re-normalised
+    (cosine on the prefix, the usual way to truncate embeddings); k >= d leaves the corpus as it is."""
+    if k >= corpus.shape[-1]:
+        return corpus
+    prefix = corpus[..., :k]
+    norms = np.linalg.norm(prefix, axis=-1, keepdims=True)
+    return prefix / np.where(norms > 0, norms, 1.0)
 
-    A truncated index stores each document's first k dimensions re-normalised (cosine on the prefix, the
-    usual way to truncate embeddings). Laying the truncated indexes side by side lets one corpus pass score
-    every prefix: `<prefix_queries(q)[i], prefix_corpus(c)>` is `<q[:k_i], c[:k_i] / ‖c[:k_i]‖>`, and the last
-    block is the untruncated score. Works on numpy (host) and jax arrays alike.
+
+def prefix_corpus(corpus: np.ndarray, dims: list[int]) -> np.ndarray:
+    """The corpus seen by a Matryoshka loss (built on the host): `[N, Σk + d]`, the truncated index rows of
+    every prefix k (`truncated_index_rows`) side by side, then the full rows.
+
+    Laying the truncated indexes side by side lets one corpus pass score every prefix:
+    `<prefix_queries(q)[i], prefix_corpus(c)>` is `<q[:k_i], c[:k_i] / ‖c[:k_i]‖>`, and the last block is the
+    untruncated score.
     """
-    xp = jnp if isinstance(corpus, jax.Array) else __import__("numpy")
-    blocks = []
-    for k in _prefix_sizes(dims, corpus.shape[-1])[:-1]:
-        prefix = corpus[..., :k]
-        norms = xp.linalg.norm(prefix, axis=-1, keepdims=True)
-        blocks.append(prefix / xp.where(norms > 0, norms, 1.0))
-    return xp.concatenate([*blocks, corpus], axis=-1)
+    return np.concatenate([truncated_index_rows(corpus, k) for k in _prefix_sizes(dims, corpus.shape[-1])], axis=-1)
 
 
 def prefix_queries(vectors: jax.Array, dims: list[int]) -> jax.Array:

@@ -202,3 +202,5 @@ def test_drift_report_on_a_rotated_encoder(synthetic_dataset, tmp_path, capsys):
     assert "supervised ridge (E prior)" in systems and "| system |" in capsys.readouterr().out
     np.save(tmp_path / "short.npy", np.zeros((3, dataset.query_dim), np.float32))
     assert main(["drift", "--data", str(tmp_path / "drift"), "--corpus-b", str(tmp_path / "short.npy")]) == 2
+    assert main(["drift", "--data", str(tmp_path / "drift"), "--corpus-b", str(tmp_path / "missing.npy")]) == 2
+    assert "missing.npy" in capsys.readouterr().err

@@ -47,14 +47,12 @@ class SplitEvaluator:
         Without a transform, queries of another dimension than the corpus (a drift dataset) are zero-padded or
         truncated to it — what the untrained identity head computes.
         """
-        vectors = self.queries
-        if transform is None:
-            vectors = self.base_vectors()
-        else:
-            vectors = np.concatenate([
-                np.asarray(transform(vectors[start:start + self.query_chunk]))
-                for start in range(0, len(vectors), self.query_chunk)])
-        return self.rank_vectors(vectors)
+        return self.rank_vectors(self.base_vectors() if transform is None else self.transformed(transform))
+
+    def transformed(self, transform: QueryTransform) -> np.ndarray:
+        """The judged queries through `transform`, in chunks of `query_chunk`."""
+        return np.concatenate([np.asarray(transform(self.queries[start:start + self.query_chunk]))
+                               for start in range(0, len(self.queries), self.query_chunk)])
 
     def base_vectors(self) -> np.ndarray:
         """The judged queries as the base system uses them: padded or truncated to the corpus dimension."""
@@ -63,9 +61,10 @@ class SplitEvaluator:
             return self.queries[:, :dim]
         return np.pad(self.queries, ((0, 0), (0, dim - self.queries.shape[1])))
 
-    def rank_vectors(self, vectors: np.ndarray) -> Ranking:
-        """Retrieves with ready-made query vectors, one per judged query (in `self.queries` order)."""
-        rows, scores = self.index.search(vectors, self.top_k, self.query_chunk)
+    def rank_vectors(self, vectors: np.ndarray, index: ExactIndex | None = None) -> Ranking:
+        """Retrieves with ready-made query vectors, one per judged query (in `self.queries` order), from
+        `index` (default: this evaluator's; e.g. a truncated index of the same corpus)."""
+        rows, scores = (index or self.index).search(vectors, self.top_k, self.query_chunk)
         per_query = per_query_metrics(rows, scores, self.qrels, self.doc_id_rank, self.cutoffs,
                                       self.relevance_level)
         return Ranking(rows, scores, per_query, mean_metrics(per_query))

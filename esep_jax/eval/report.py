@@ -13,6 +13,7 @@ from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.eval.evaluate import Ranking, SplitEvaluator
 from esep_jax.eval.metrics import mean_metrics, per_query_metrics
 from esep_jax.eval.retrieval import ExactIndex
+from esep_jax.losses import truncated_index_rows
 
 HEADLINE = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
@@ -83,7 +84,8 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
               "base": base.metrics}
     final = base
     if head_info is not None:
-        final = evaluator.rank(apply_head)
+        head_vectors = evaluator.transformed(apply_head)
+        final = evaluator.rank_vectors(head_vectors)
         result.update(head=final.metrics, run=head_info)
     result.update({name: final.metrics[name] for name in final.metrics})
     seen = None if split == "train" else documents_relevant_in(dataset, "train", eval_config.relevance_level)
@@ -100,19 +102,15 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
         if entry:
             result["subsets"] = {"unseen_relevant": entry}
     if prefix_dims:
-        head_vectors = None
-        if head_info is not None:
-            head_vectors = np.concatenate([np.asarray(apply_head(evaluator.queries[i:i + eval_config.query_chunk]))
-                                           for i in range(0, len(evaluator.queries), eval_config.query_chunk)])
-        result["prefixes"] = prefix_results(dataset, split, corpus, evaluator.base_vectors(), head_vectors,
-                                            prefix_dims, eval_config)
+        result["prefixes"] = prefix_results(evaluator, corpus, head_vectors if head_info is not None else None,
+                                            prefix_dims, eval_config.corpus_chunk)
     if run_path:
         evaluator.write_trec_run(final, run_path, "esep_jax-head" if head_info else "esep_jax-base")
     return result
 
 
-def prefix_results(dataset: Dataset, split: str, corpus: np.ndarray, queries: np.ndarray,
-                   head_vectors: np.ndarray | None, dims: list[int], eval_config: EvalConfig) -> dict:
+def prefix_results(evaluator: SplitEvaluator, corpus: np.ndarray, head_vectors: np.ndarray | None,
+                   dims: list[int], corpus_chunk: int = 65536) -> dict:
     """Per prefix size k, metrics against the corpus index truncated to its first k dimensions.
 
     The truncated index stores each document's first k dimensions re-normalised (cosine on the prefix, the
@@ -120,25 +118,16 @@ def prefix_results(dataset: Dataset, split: str, corpus: np.ndarray, queries: np
     scored on it with their first k query dimensions. `base_raw` keeps the raw prefixes (a plain dot product
     on the truncated rows), for reference. The full dimension is included as the reference point.
     """
+    queries = evaluator.base_vectors()
     results = {}
     for k in sorted({d for d in dims if d < corpus.shape[1]} | {corpus.shape[1]}):
-        normalised = _unit(corpus[:, :k]) if k < corpus.shape[1] else corpus
-        systems = [("base", normalised, queries[:, :k]), ("base_raw", corpus[:, :k], queries[:, :k])]
+        truncated = ExactIndex(truncated_index_rows(corpus, k), corpus_chunk)
+        entry = {"base": evaluator.rank_vectors(queries[:, :k], truncated).metrics,
+                 "base_raw": evaluator.rank_vectors(queries[:, :k], ExactIndex(corpus[:, :k], corpus_chunk)).metrics}
         if head_vectors is not None:
-            systems.append(("head", normalised, head_vectors[:, :k]))
-        entry = {}
-        for name, index_rows, query_rows in systems:
-            evaluator = SplitEvaluator(dataset, dataset.qrels(split), ExactIndex(index_rows, eval_config.corpus_chunk),
-                                       top_k=eval_config.top_k, query_chunk=eval_config.query_chunk,
-                                       relevance_level=eval_config.relevance_level)
-            entry[name] = evaluator.rank_vectors(query_rows).metrics
+            entry["head"] = evaluator.rank_vectors(head_vectors[:, :k], truncated).metrics
         results[str(k)] = entry
     return results
-
-
-def _unit(values: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(values, axis=1, keepdims=True)
-    return values / np.where(norms > 0, norms, 1.0)
 
 
 def format_table(result: dict, names=HEADLINE) -> str:

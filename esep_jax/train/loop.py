@@ -31,7 +31,7 @@ from esep_jax.ensemble import combine, greedy_selection
 from esep_jax.errors import InputError
 from esep_jax.eval.evaluate import SplitEvaluator
 from esep_jax.eval.retrieval import ExactIndex
-from esep_jax.losses import prefix_corpus
+from esep_jax.losses import prefix_corpus, truncated_index_rows
 from esep_jax.models.heads import build_head
 from esep_jax.train.checkpoint import (CONFIG_FILE, RUN_INFO_FILE, Checkpointer, abstract_like,
                                       abstract_on_one_device, read_run_config)
@@ -61,6 +61,10 @@ def split_for_training(dataset: Dataset, config: Config) -> tuple[Qrels, Qrels, 
 
 def build_training(config: Config, dataset: Dataset):
     """The head, optimiser and learning-rate schedule a config describes for a dataset."""
+    dims = matryoshka_dims(config)
+    if dims and dims[-1] >= dataset.corpus_dim:
+        raise InputError(f"prefix sizes must be < the corpus dim {dataset.corpus_dim}",
+                         field="config.loss.matryoshka_dims")
     head = build_head(config.model, dataset.corpus_dim)
     optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)
     return head, optimizer, schedule
@@ -301,9 +305,7 @@ def _prefix_evaluators(config: Config, dataset: Dataset, dev_qrels: Qrels, host_
     """(k, dev evaluator over the re-normalised k-prefix index) per Matryoshka prefix size."""
     evaluators = []
     for k in matryoshka_dims(config):
-        prefix = host_corpus[:, :k]
-        index = ExactIndex(prefix / np.maximum(np.linalg.norm(prefix, axis=1, keepdims=True), 1e-12),
-                           config.eval.corpus_chunk, dtype)
+        index = ExactIndex(truncated_index_rows(host_corpus, k), config.eval.corpus_chunk, dtype)
         evaluators.append((k, SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
                                              query_chunk=config.eval.query_chunk,
                                              relevance_level=config.eval.relevance_level)))
@@ -331,10 +333,6 @@ def batch_signals(config: Config, dataset: Dataset, host_corpus: np.ndarray, sco
     `prefix_corpus`), teacher candidates from the plain corpus.
     """
     loss = config.loss
-    dims = matryoshka_dims(config)
-    if dims and dims[-1] >= dataset.corpus_dim:
-        raise InputError(f"prefix sizes must be < the corpus dim {dataset.corpus_dim}",
-                         field="config.loss.matryoshka_dims")
     signals: dict = {}
     if loss.kind == "sampled":
         hard = read_candidates(dataset, loss.hard_negatives) if loss.hard_negatives else None
