@@ -84,7 +84,9 @@ def test_weights_repeat_training_queries(sources, tmp_path):
 
 def test_equal_storage_dtypes_are_kept_and_blocks_cross_chunks(sources, tmp_path, monkeypatch):
     # 7-row chunks and 14-row copy blocks: the second source starts mid-chunk (45 = 6 * 7 + 3).
-    monkeypatch.setattr(mixture, "chunk_rows", lambda dim, itemsize: 7)
+    from esep_jax.data import dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "chunk_rows", lambda dim, itemsize: 7)  # used by create_array
     monkeypatch.setattr(mixture, "CHUNKS_PER_BLOCK", 2)
     mix_datasets([MixtureSource("x", sources["b"]), MixtureSource("y", sources["b"])], str(tmp_path / "mix"))
     mixed = Dataset(str(tmp_path / "mix"))

@@ -69,21 +69,25 @@ def chunk_rows(dim: int, itemsize: int) -> int:
     return int(max(1, TARGET_CHUNK_BYTES // max(1, dim * itemsize)))
 
 
-def write_array(directory: Path, key: str, values: np.ndarray, dtype: str | None = None) -> None:
-    """Writes a 1-D or 2-D array as zarr3, chunked by rows. `values` may be a memory map."""
-    dtype = dtype or values.dtype.name
+def create_array(directory: Path, key: str, shape: tuple[int, ...], dtype: str) -> tuple[ts.TensorStore, int]:
+    """A new zarr3 array of a 1-D or 2-D shape, chunked by rows (~4 MiB chunks); returns it and its chunk rows."""
     itemsize = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
-    dim = values.shape[1] if values.ndim == 2 else 1
-    rows = min(max(1, values.shape[0]), chunk_rows(dim, itemsize))
-    chunk_shape = [rows] + list(values.shape[1:])
+    dim = shape[1] if len(shape) == 2 else 1
+    rows = min(max(1, shape[0]), chunk_rows(dim, itemsize))
     store = ts.open({
         **zarr_spec(kvstore_spec(str(directory)), key),
         "metadata": {
-            "shape": list(values.shape),
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+            "shape": list(shape),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [rows, *shape[1:]]}},
             "data_type": dtype,
         },
     }, create=True, delete_existing=True).result()
+    return store, rows
+
+
+def write_array(directory: Path, key: str, values: np.ndarray, dtype: str | None = None) -> None:
+    """Writes a 1-D or 2-D array as zarr3, chunked by rows. `values` may be a memory map."""
+    store, rows = create_array(directory, key, tuple(values.shape), dtype or values.dtype.name)
     # Copy in row blocks so a memory-mapped input never has to fit in memory at once.
     for start in range(0, values.shape[0], rows * 16):
         block = np.asarray(values[start:start + rows * 16])

@@ -30,8 +30,7 @@ import numpy as np
 import tensorstore as ts
 
 from esep_jax.atomic import atomic_directory
-from esep_jax.data.dataset import (FORMAT_VERSION, MANIFEST, Dataset, Qrels, chunk_rows, kvstore_spec,
-                                   write_qrels, zarr_spec)
+from esep_jax.data.dataset import FORMAT_VERSION, MANIFEST, Dataset, Qrels, create_array, write_qrels
 from esep_jax.errors import InputError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
@@ -127,14 +126,7 @@ def mix_datasets(sources: list[MixtureSource], out: str, *, name: str | None = N
 
 def copy_rows(directory: Path, key: str, tables: list[ts.TensorStore], dtype: str) -> None:
     """Concatenates 2-D tables by rows into a new zarr3 array, one row block in memory (plus one being written)."""
-    total, dim = sum(t.shape[0] for t in tables), tables[0].shape[1]
-    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-    rows = min(max(1, total), chunk_rows(dim, itemsize))
-    store = ts.open({
-        **zarr_spec(kvstore_spec(str(directory)), key),
-        "metadata": {"shape": [total, dim], "data_type": dtype,
-                     "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [rows, dim]}}},
-    }, create=True, delete_existing=True).result()
+    store, rows = create_array(directory, key, (sum(t.shape[0] for t in tables), tables[0].shape[1]), dtype)
     target = store.dtype.numpy_dtype
     block, offset, writing = rows * CHUNKS_PER_BLOCK, 0, None
     for table in tables:
