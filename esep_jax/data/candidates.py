@@ -38,7 +38,7 @@ import numpy as np
 import tensorstore as ts
 
 from esep_jax.atomic import atomic_write_text
-from esep_jax.data.dataset import MANIFEST, Dataset, kvstore_spec, write_array, zarr_spec
+from esep_jax.data.dataset import MANIFEST, Dataset, kvstore_spec, write_array
 from esep_jax.errors import InputError
 
 CANDIDATES_DIR = "candidates"
@@ -134,8 +134,7 @@ def read_candidates(dataset: Dataset, name: str) -> Candidates:
     arrays = {}
     for array in ARRAYS:
         try:
-            arrays[array] = ts.open(zarr_spec(spec, f"{prefix}/{array}"), open=True, read=True).result() \
-                .read().result()
+            arrays[array] = dataset.table(f"{prefix}/{array}").read().result()
         except ValueError as error:
             raise InputError(f"cannot read array: {str(error).splitlines()[0]}",
                              file=f"{dataset.location}/{prefix}/{array}") from None
