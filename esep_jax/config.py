@@ -70,6 +70,17 @@ class LossConfig:
     # Targets are the dataset's `queries/targets` (A's embedding of each query) and/or its paired texts.
     distill: str = ""
     distill_weight: float = 1.0
+    # Listwise distillation over the paired texts (query drift, when B is the stronger encoder): for each
+    # query, B's own similarity distribution over the paired texts' B embeddings, softmax(<q_B, p_B> / τ_t)
+    # with τ_t = `listwise_temperature`, is the teacher of the head's distribution over their A embeddings,
+    # softmax(<f(q_B), p_A> / τ); adds listwise_weight · KL(teacher ‖ head). It transfers how B ranks texts,
+    # not where A puts a query, so it helps even where A's own query embeddings are the weak side. With the
+    # corpus as the paired texts this is B's native full-corpus ranking. `listwise_queries`: whose
+    # distributions are matched — the training queries, the paired texts themselves as unlabelled
+    # pseudo-queries (a batch of them per step), or both.
+    listwise_weight: float = 0.0
+    listwise_temperature: float = 0.05
+    listwise_queries: str = "both"
     # Matryoshka: comma-separated prefix sizes (e.g. "64,128,256"); the retrieval loss is averaged over
     # these prefixes of the output and corpus dimensions and the full dimension, so one head also serves
     # indexes truncated to any of them.
@@ -200,6 +211,7 @@ CHOICES = {
                    "supervised_procrustes"),
     "loss.kind": ("full_corpus", "in_batch", "sampled"),
     "loss.distill": ("", "mse", "cosine"),
+    "loss.listwise_queries": ("train", "paired", "both"),
     "loss.negatives": ("all", "judged"),
     "loss.grade_weighting": ("linear", "uniform"),
     "train.corpus_dtype": ("float32", "bfloat16"),
@@ -239,11 +251,13 @@ def validate(config: Config) -> Config:
         raise InputError("dropout rates must be in [0, 1)", field="config.ensemble.dropout")
     if config.loss.z_loss < 0:
         raise InputError("must be >= 0", field="config.loss.z_loss")
-    for dotted in ("loss.task_weight", "loss.teacher_weight", "loss.distill_weight", "loss.random_negatives"):
+    for dotted in ("loss.task_weight", "loss.teacher_weight", "loss.distill_weight", "loss.random_negatives",
+                   "loss.listwise_weight"):
         if _get(config, dotted) < 0:
             raise InputError(f"must be >= 0, got {_get(config, dotted)!r}", field=f"config.{dotted}")
-    if config.loss.teacher_temperature <= 0:
-        raise InputError("must be > 0", field="config.loss.teacher_temperature")
+    for dotted in ("loss.teacher_temperature", "loss.listwise_temperature"):
+        if _get(config, dotted) <= 0:
+            raise InputError("must be > 0", field=f"config.{dotted}")
     matryoshka_dims(config)  # parses, or names the field
     if config.model.init != "identity" and config.model.head != "linear":
         raise InputError("closed-form initialisers set a linear head", field="config.model.init")

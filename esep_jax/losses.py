@@ -94,6 +94,20 @@ def teacher_kl_loss(query_vectors: jax.Array, candidate_vectors: jax.Array, teac
     return jnp.where(has_any, terms.sum(axis=-1), 0.0)
 
 
+def listwise_distillation_loss(scaled_vectors: jax.Array, teacher_logits: jax.Array,
+                               student_documents: jax.Array) -> jax.Array:
+    """`KL(softmax(teacher_logits) ‖ softmax(<v, d>))` per row over a shared list of documents `[M, d]`.
+
+    `scaled_vectors [B, d]` are the head's query vectors already divided by its temperature; `teacher_logits
+    [B, M]` are the teacher's temperature-scaled scores of the same M documents (held constant: no gradient
+    flows into the teacher). The `[B, M]` logits are built whole; micro-batching bounds B.
+    """
+    log_teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+    student = jnp.einsum("bd,md->bm", scaled_vectors, student_documents.astype(scaled_vectors.dtype))
+    log_student = jax.nn.log_softmax(student, axis=-1)
+    return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+
+
 def distillation_loss(vectors: jax.Array, targets: jax.Array, kind: str) -> jax.Array:
     """Per-row distance of mapped vectors to target vectors: `mse` = ‖v − t‖², `cosine` = 1 − cos(v, t)."""
     if kind == "mse":

@@ -195,6 +195,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
     index = ExactIndex(host_corpus, config.eval.corpus_chunk, corpus_dtype)
     signals = batch_signals(config, dataset, host_corpus, scored_corpus, contrasted)
     del scored_corpus
+    paired = listwise_tables(config, dataset, replicated)
     evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=config.eval.top_k,
                                query_chunk=config.eval.query_chunk, relevance_level=config.eval.relevance_level)
     base_dev = evaluator.rank().metrics
@@ -238,7 +239,7 @@ def _train(config: Config, data: str, dataset: Dataset, splits, workdir: Path, p
         for step_index, local_batch in batches.iterate(start, start if stopped else tc.num_steps):
             batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
                      for name, values in local_batch.items()}
-            state, metrics = train_step(state, batch, (corpus.embeddings, corpus.mask))
+            state, metrics = train_step(state, batch, (corpus.embeddings, corpus.mask), paired)
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             count += 1
             step = step_index + 1
@@ -349,7 +350,25 @@ def batch_signals(config: Config, dataset: Dataset, host_corpus: np.ndarray, sco
         if not (signals["query_targets"] or signals["paired"]):
             raise InputError("loss.distill needs target vectors: ingest with --query-targets and/or "
                              "--paired-source/--paired-target", file=dataset.location, field="config.loss.distill")
+    if loss.listwise_weight > 0 and loss.listwise_queries != "train":
+        signals["paired"] = True  # the batch's paired texts are the pseudo-queries
     return signals
+
+
+def listwise_tables(config: Config, dataset: Dataset, sharding: NamedSharding) -> tuple | None:
+    """Every paired text's (B, A) embeddings on the devices for `loss.listwise_weight` (else None)."""
+    if config.loss.listwise_weight <= 0:
+        return None
+    if not dataset.num_paired:
+        raise InputError("loss.listwise_weight needs paired texts: ingest with --paired-source/--paired-target",
+                         file=dataset.location, field="config.loss.listwise_weight")
+    storage = np.dtype(jnp.bfloat16 if config.train.corpus_dtype == "bfloat16" else jnp.float32)
+    tables = []
+    for side in ("source", "target"):
+        values = dataset.table(f"paired/{side}").read().result().astype(storage)
+        # From a callback, not device_put, so every process of a multi-host job places its own copy.
+        tables.append(jax.make_array_from_callback(values.shape, sharding, lambda index, v=values: v[index]))
+    return tuple(tables)
 
 
 def _negative_mask(config: Config, dataset: Dataset, train_qrels: Qrels) -> np.ndarray:

@@ -21,8 +21,9 @@ from jax.sharding import Mesh
 
 from esep_jax.config import Config, OptimConfig, matryoshka_dims, member_values
 from esep_jax.corpus_softmax import DATA, make_corpus_softmax_loss
-from esep_jax.losses import (candidate_softmax_loss, distillation_loss, in_batch_softmax_loss, prefix_queries,
-                             recovery_penalty, sample_positive, teacher_kl_loss)
+from esep_jax.losses import (candidate_softmax_loss, distillation_loss, in_batch_softmax_loss,
+                             listwise_distillation_loss, prefix_queries, recovery_penalty, sample_positive,
+                             teacher_kl_loss)
 from esep_jax.models.heads import base_projection, init_params
 
 
@@ -74,11 +75,13 @@ def apply_members(head: nn.Module, params, queries: jax.Array) -> jax.Array:
 
 def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     config: Config, mesh: Mesh) -> Callable:
-    """Builds `train_step(state, batch, corpus) -> (state, metrics)`; jit it, donating the state.
+    """Builds `train_step(state, batch, corpus, paired=None) -> (state, metrics)`; jit it, donating the state.
 
     `corpus` is the `(embeddings, mask)` pair of a `ShardedCorpus` on `mesh`: rows split over the `corpus` axis,
     the mask marking the documents the full-corpus softmax contrasts against (with `loss.matryoshka_dims`,
-    the rows are `losses.prefix_corpus` of the embeddings, as are sampled candidates). The batch is split over `data`.
+    the rows are `losses.prefix_corpus` of the embeddings, as are sampled candidates). `paired` is the
+    `(source [M, d_q], target [M, d_c])` pair of every paired text, replicated, for `loss.listwise_weight`
+    (B's scores of the sources teach the head's scores of the targets). The batch is split over `data`.
     With `train.micro_batch_size`, the global batch is processed in micro-batches whose gradients are summed,
     so a batch of any size runs in bounded memory with the result of one big batch. Config values are closed
     over as constants, so they are compiled in rather than traced; metrics are per member, `[E]`.
@@ -89,8 +92,12 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
     seed_key = jax.random.key(config.train.seed)
     values = {name: np.asarray(v, np.float32) for name, v in member_values(config).items()}
     members = config.ensemble.members
+    listwise = loss_config.listwise_weight > 0
     active_terms = {"loss", "task_loss", "recovery"} | ({"teacher_kl"} if loss_config.teacher else set()) | (
-        {"distill"} if loss_config.distill else set())
+        {"distill"} if loss_config.distill else set()) | ({"listwise"} if listwise else set())
+    term_names = ("task_loss", "teacher_kl", "distill", "listwise", "recovery", "loss")
+    listwise_from = {"train": ("queries",), "paired": ("paired_source",),
+                     "both": ("queries", "paired_source")}[loss_config.listwise_queries]
     # Temperatures differ per member, so queries are divided by them before a loss built with τ = 1.
     corpus_loss = make_corpus_softmax_loss(mesh, temperature=1.0, z_loss=loss_config.z_loss,
                                            chunk=config.train.corpus_chunk)
@@ -118,7 +125,7 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
 
     task_loss = matryoshka_loss if prefixes else retrieval_loss
 
-    def summed_loss(params, batch, corpus, key):
+    def summed_loss(params, batch, corpus, paired, key):
         """Per-member sums over the (micro-)batch; the caller divides by the global batch size."""
         queries = batch["queries"]
         member_keys = jax.random.split(jax.random.fold_in(key, 0), members)
@@ -130,32 +137,46 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
         vectors = jax.vmap(forward, in_axes=(0, 0, 0, None))(params, member_keys, values["dropout"], queries)
         scaled = vectors / values["temperature"][:, None, None]
         zeros = jnp.zeros((members,), jnp.float32)
-        terms = {"task_loss": zeros, "teacher_kl": zeros, "distill": zeros}
+        terms = {"task_loss": zeros, "teacher_kl": zeros, "distill": zeros, "listwise": zeros}
         if loss_config.task_weight > 0:
             terms["task_loss"] = task_loss(scaled, batch, corpus, key).sum(axis=1)
         if loss_config.teacher:
             terms["teacher_kl"] = jax.vmap(lambda v: teacher_kl_loss(
                 v, batch["teacher_vectors"], batch["teacher_scores"], batch["teacher_mask"],
                 loss_config.teacher_temperature))(scaled).sum(axis=1)
+        mapped = None  # the head applied to the batch's paired texts, when a loss needs it
+        if "paired_source" in batch:
+            mapped = jax.vmap(forward, in_axes=(0, 0, 0, None))(
+                params, jax.random.split(jax.random.fold_in(key, 2), members), values["dropout"],
+                batch["paired_source"])
         if loss_config.distill:
             if "target_vectors" in batch:
                 terms["distill"] += distillation_loss(vectors, batch["target_vectors"][None],
                                                       loss_config.distill).sum(axis=1)
-            if "paired_source" in batch:
-                mapped = jax.vmap(forward, in_axes=(0, 0, 0, None))(
-                    params, jax.random.split(jax.random.fold_in(key, 2), members), values["dropout"],
-                    batch["paired_source"])
+            if mapped is not None:
                 terms["distill"] += distillation_loss(mapped, batch["paired_target"][None],
                                                       loss_config.distill).sum(axis=1)
+        if listwise:
+            if paired is None:
+                raise ValueError("loss.listwise_weight needs the paired texts: pass train_step(..., paired=...)")
+            sources, targets = paired
+            outputs = {"queries": vectors, "paired_source": mapped}
+            for name in listwise_from:
+                teacher_logits = jnp.einsum("bd,md->bm", batch[name], sources.astype(batch[name].dtype)) / (
+                    loss_config.listwise_temperature)
+                scaled_outputs = outputs[name] / values["temperature"][:, None, None]
+                terms["listwise"] += jax.vmap(lambda v: listwise_distillation_loss(v, teacher_logits, targets))(
+                    scaled_outputs).sum(axis=1)
         terms["recovery"] = recovery_penalty(vectors, base_projection(queries, vectors.shape[-1])).sum(axis=1)
         total = (loss_config.task_weight * terms["task_loss"] + loss_config.teacher_weight * terms["teacher_kl"]
-                 + loss_config.distill_weight * terms["distill"] + values["recovery_weight"] * terms["recovery"])
+                 + loss_config.distill_weight * terms["distill"] + loss_config.listwise_weight * terms["listwise"]
+                 + values["recovery_weight"] * terms["recovery"])
         terms["loss"] = total
         return total.sum(), terms
 
     summed_grad = jax.grad(summed_loss, has_aux=True)
 
-    def micro_batched_grad(params, batch, corpus, key):
+    def micro_batched_grad(params, batch, corpus, paired, key):
         # Micro-batch m takes rows m·b_local … (m+1)·b_local − 1 of *every* data shard, so each micro-batch
         # stays spread over all devices and the reshape moves no data between them.
         def split(values):
@@ -164,11 +185,10 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
 
         def accumulate(total, micro_and_index):
             micro_batch, index = micro_and_index
-            grads, sums = summed_grad(params, micro_batch, corpus, jax.random.fold_in(key, index))
+            grads, sums = summed_grad(params, micro_batch, corpus, paired, jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, total, (grads, sums)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params),
-                 {name: jnp.zeros((members,)) for name in ("task_loss", "teacher_kl", "distill", "recovery", "loss")})
+        zeros = (jax.tree.map(jnp.zeros_like, params), {name: jnp.zeros((members,)) for name in term_names})
         total, _ = jax.lax.scan(accumulate, zeros, (jax.tree.map(split, batch), jnp.arange(num_micro)))
         return total
 
@@ -182,12 +202,13 @@ def make_train_step(head: nn.Module, optimizer: optax.GradientTransformation, sc
         return (jax.tree.map(keep, updated, params), jax.tree.map(keep, new_opt_state, opt_state),
                 optax.tree.norm(grads))
 
-    def train_step(state: TrainState, batch: dict, corpus: tuple[jax.Array, jax.Array]):
+    def train_step(state: TrainState, batch: dict, corpus: tuple[jax.Array, jax.Array],
+                   paired: tuple[jax.Array, jax.Array] | None = None):
         key = jax.random.fold_in(seed_key, state.step)
         if num_micro == 1:
-            grads, terms = summed_grad(state.params, batch, corpus, key)
+            grads, terms = summed_grad(state.params, batch, corpus, paired, key)
         else:
-            grads, terms = micro_batched_grad(state.params, batch, corpus, key)
+            grads, terms = micro_batched_grad(state.params, batch, corpus, paired, key)
         grads = jax.tree.map(lambda g: g / batch_size, grads)
         learning_rate = schedule(state.step) * values["learning_rate"]
         params, opt_state, grad_norm = jax.vmap(member_update)(
