@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ingest_args, write_synthetic_sources
+from esep_jax import losses
 from esep_jax.cli import main
 from esep_jax.data.batch_signals import SampledCandidates, TeacherCandidates
 from esep_jax.data.candidates import Candidates
@@ -176,10 +177,12 @@ def test_teacher_distillation_alone_learns_from_a_good_teacher(synthetic_dataset
     assert record["task_loss"] == 0.0 and record["teacher_kl"] > 0
 
 
-@pytest.mark.parametrize("with_pairs", [False, True])
-def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, with_pairs):
-    """Queries of encoder B = a rotation of A's; distillation onto A's query vectors (or onto unlabelled
-    paired texts only) recovers A's retrieval quality on A's index."""
+@pytest.mark.parametrize("signal", ["targets", "pairs", "listwise"])
+def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, signal):
+    """Queries of encoder B = a rotation of A's; distillation onto A's query vectors, onto unlabelled paired
+    texts, or of B's own ranking of the paired texts (listwise, no target vectors at all) recovers A's
+    retrieval quality on A's index."""
+    with_pairs = signal != "targets"
     sources = write_synthetic_sources(tmp_path / "src", dim=16)
     rng = np.random.default_rng(5)
     rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
@@ -195,7 +198,9 @@ def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, with_p
     else:
         args += ["--query-targets", sources["queries"]]
     assert main(args) == 0
-    summary = _train(str(tmp_path / "drift"), tmp_path / "run", "--config.loss.distill=mse",
+    losses = ["--config.loss.listwise_weight=1"] if (
+        signal == "listwise") else ["--config.loss.distill=mse"]
+    summary = _train(str(tmp_path / "drift"), tmp_path / "run", *losses,
                      "--config.loss.task_weight=0", "--config.loss.recovery_weight=0",
                      "--config.train.num_steps=200", "--config.optim.learning_rate=5e-2", "--config.optim.weight_decay=1e-4")
     assert main(ingest_args(sources, tmp_path / "native")) == 0
@@ -210,6 +215,34 @@ def test_distillation_without_targets_is_a_clear_error(synthetic_dataset, tmp_pa
     code = main(["train", "--data", synthetic_dataset, "--workdir", str(tmp_path / "run"), *FAST,
                  "--config.loss.distill=cosine"])
     assert code == 2 and "--query-targets" in capsys.readouterr().err
+
+
+def test_listwise_distillation_without_paired_texts_is_a_clear_error(synthetic_dataset, tmp_path, capsys):
+    code = main(["train", "--data", synthetic_dataset, "--workdir", str(tmp_path / "run"), *FAST,
+                 "--config.loss.listwise_weight=1"])
+    error = capsys.readouterr().err
+    assert code == 2 and "--paired-source" in error and "listwise_weight" in error
+
+
+def test_listwise_distillation_is_zero_iff_the_head_ranks_like_the_teacher():
+    """Teacher: B's scores of texts; student: the head's scores of A's embeddings of the same texts, with A a
+    rotation of B. Mapping the queries by that rotation reproduces the teacher exactly (KL 0); the unmapped
+    queries do not, and the gradient is (p_head − p_teacher)·docs, which points the head towards the teacher."""
+    rng = np.random.default_rng(3)
+    rotation, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    texts_b = rng.normal(size=(50, 8)).astype(np.float32)
+    texts_a = (texts_b @ rotation).astype(np.float32)
+    queries = rng.normal(size=(4, 8)).astype(np.float32)
+    teacher_logits = jnp.asarray(queries @ texts_b.T / 0.5)
+    mapped = jnp.asarray(queries @ rotation / 0.5)
+    assert np.allclose(losses.listwise_distillation_loss(mapped, teacher_logits, jnp.asarray(texts_a)), 0, atol=1e-5)
+    unmapped = jnp.asarray(queries / 0.5)
+    kl = losses.listwise_distillation_loss(unmapped, teacher_logits, jnp.asarray(texts_a))
+    assert (kl > 0.1).all()
+    grad = jax.grad(lambda v: losses.listwise_distillation_loss(v, teacher_logits, jnp.asarray(texts_a)).sum())(
+        unmapped)
+    expected = (jax.nn.softmax(unmapped @ texts_a.T) - jax.nn.softmax(teacher_logits)) @ texts_a
+    assert np.allclose(grad, expected, atol=1e-5)
 
 
 def test_matryoshka_loss_is_the_mean_of_prefix_losses(synthetic_dataset):
