@@ -1,0 +1,27 @@
+"""Query drift where B is the stronger encoder: B's queries search the index of a weaker encoder A.
+
+Use on a drift dataset whose paired texts are embedded by both encoders (`--paired-source B.npy
+--paired-target A.npy`, e.g. the corpus documents). Here A's own query embeddings are the weak side, so
+distilling onto them (`loss.distill`) would pull the head towards A's mistakes; instead the head learns how B
+*ranks*: listwise distillation (`loss.listwise_weight`) makes its softmax over the paired texts' A embeddings
+match B's softmax over their B embeddings, for the training queries and for the paired texts themselves as
+unlabelled pseudo-queries, alongside the full-corpus softmax on the qrels. Like `configs/drift.py`, the map
+moves far from the identity: weak decay, no recovery pull, an output bias. `configs/drift_reverse_demo.py`
+is the same on top of the demo's settings.
+"""
+
+from esep_jax.config import Config
+
+
+def apply_reverse_drift_settings(config: Config) -> Config:
+    config.model.use_bias = True
+    config.loss.recovery_weight = 0.0
+    config.loss.listwise_weight = 1.0
+    config.loss.listwise_temperature = 0.05
+    config.optim.learning_rate = 1e-3
+    config.optim.weight_decay = 1e-4
+    return config
+
+
+def get_config() -> Config:
+    return apply_reverse_drift_settings(Config())
