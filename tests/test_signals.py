@@ -321,3 +321,42 @@ def test_drift_tables_are_validated_at_ingest(tmp_path, capsys):
     assert main(base + ["--paired-source", str(tmp_path / "short.npy"),
                         "--paired-target", str(tmp_path / "wrong_dim.npy")]) == 2
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_listwise_term_is_the_same_in_micro_batches(tmp_path):
+    """The paired texts reach the loss whole while the batch (queries and pseudo-queries) is cut into
+    micro-batches: one step's listwise term and updated parameters equal those of the undivided batch."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from esep_jax.config import load_config
+    from esep_jax.corpus_softmax import ShardedCorpus, make_data_corpus_mesh
+    from esep_jax.data.dataset import Dataset
+    from esep_jax.data.loader import TrainBatches
+    from esep_jax.train.loop import build_training, initial_state, listwise_tables
+    from esep_jax.train.step import make_train_step
+
+    sources = write_synthetic_sources(tmp_path / "src", dim=16)
+    pairs = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
+    np.save(tmp_path / "pair_b.npy", pairs)
+    np.save(tmp_path / "pair_a.npy", pairs[:, ::-1].copy())
+    assert main(ingest_args(sources, tmp_path / "drift") + [
+        "--paired-source", str(tmp_path / "pair_b.npy"), "--paired-target", str(tmp_path / "pair_a.npy")]) == 0
+    dataset = Dataset(str(tmp_path / "drift"))
+    mesh = make_data_corpus_mesh(1)
+    corpus = ShardedCorpus(dataset.read_corpus(), mesh, 8192)
+    results = []
+    for micro in (0, 4):
+        config = load_config(None, ["loss.listwise_weight=1", "train.batch_size=16", "model.head=mlp",
+                                    f"train.micro_batch_size={micro}"])
+        head, optimizer, schedule = build_training(config, dataset)
+        state = initial_state(config, dataset, head, optimizer)
+        batch = TrainBatches(dataset, dataset.qrels("train"), batch_size=16, max_positives=64, seed=0,
+                             paired=True).batch_at(0)
+        paired = listwise_tables(config, dataset, NamedSharding(mesh, PartitionSpec()))
+        state, metrics = jax.jit(make_train_step(head, optimizer, schedule, config, mesh))(
+            state, batch, (corpus.embeddings, corpus.mask), paired)
+        results.append((float(metrics["listwise"][0]), jax.tree.map(np.asarray, state.params)))
+    (whole, params_whole), (micro, params_micro) = results
+    assert whole > 0.1
+    np.testing.assert_allclose(micro, whole, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_whole, params_micro)
