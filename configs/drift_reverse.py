@@ -15,7 +15,7 @@ from esep_jax.config import Config
 
 def apply_reverse_drift_settings(config: Config) -> Config:
     # A static index is a bag of tokens: ranking its rows like B needs a non-linear map (on NFCorpus the MLP
-    # head retains 100 % of B's quality, the linear head 91 %).
+    # head retains 100 % of B's quality; the linear head's dev nDCG@10 lagged it by 2.3 points at step 700).
     config.model.head = "mlp"
     config.model.hidden_dim = 1024
     config.model.use_bias = True
