@@ -1,14 +1,10 @@
 """`configs/drift.py` on top of `configs/demo.py`: query drift on the bundled demo data."""
 
-import importlib.util
-from pathlib import Path
+from esep_jax.config import sibling_config_module
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"esep_config_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sibling_config_module(__file__, name)
 
 
 def get_config():

@@ -279,6 +279,16 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
     return validate(config)
 
 
+def sibling_config_module(config_file: str, name: str):
+    """The config module `name.py` beside `config_file`, for config files that build on one another
+    (e.g. `drift_demo.py` applies `drift.py`'s settings to `demo.py`'s config)."""
+    path = Path(config_file).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"esep_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load_python_config(path: str) -> Config:
     file = Path(path)
     if not file.is_file():
