@@ -6,15 +6,11 @@ documents judged in training (`negatives="judged"`): the head learns how docstri
 not that unseen functions should rank low.
 """
 
-from esep_jax.config import Config
+from esep_jax.config import Config, override
+
+DEMO = {"loss.negatives": "judged", "loss.temperature": 0.02, "train.num_steps": 400, "train.eval_every": 20,
+        "train.checkpoint_every": 100, "train.patience": 5}
 
 
 def get_config() -> Config:
-    config = Config()
-    config.loss.negatives = "judged"
-    config.loss.temperature = 0.02
-    config.train.num_steps = 400
-    config.train.eval_every = 20
-    config.train.checkpoint_every = 100
-    config.train.patience = 5
-    return config
+    return override(Config(), DEMO)

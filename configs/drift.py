@@ -5,22 +5,19 @@ embedded by both as `--paired-source/--paired-target`). The head starts at the p
 closed form on our data), then trains on both signals: the full-corpus softmax against A's corpus and the
 distillation `‖f(q_B) − q_A‖²`. Unlike a head over one encoder, the map must move far from the identity, so
 the residual is barely decayed, there is no recovery pull towards `q_B`, and an output bias (a mean shift) is
-allowed. `configs/drift_demo.py` is the same on top of the demo's settings.
+allowed. Variant `demo` (`--config configs/drift.py:demo`) applies the same on top of `configs/demo.py`.
 """
 
-from esep_jax.config import Config
+from pathlib import Path
+
+from esep_jax.config import Config, load_config_file, override
+
+DRIFT = {"model.use_bias": True, "model.init": "paired_ridge", "loss.recovery_weight": 0.0, "loss.distill": "mse",
+         "loss.distill_weight": 1.0, "optim.learning_rate": 1e-3, "optim.weight_decay": 1e-4}
 
 
-def apply_drift_settings(config: Config) -> Config:
-    config.model.use_bias = True
-    config.model.init = "paired_ridge"
-    config.loss.recovery_weight = 0.0
-    config.loss.distill = "mse"
-    config.loss.distill_weight = 1.0
-    config.optim.learning_rate = 1e-3
-    config.optim.weight_decay = 1e-4
-    return config
-
-
-def get_config() -> Config:
-    return apply_drift_settings(Config())
+def get_config(variant: str = "") -> Config:
+    base = load_config_file(str(Path(__file__).with_name("demo.py"))) if variant == "demo" else Config()
+    if variant not in ("", "demo"):
+        raise ValueError(f"unknown variant {variant!r} (variants: demo)")
+    return override(base, DRIFT)

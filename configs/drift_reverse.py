@@ -6,27 +6,26 @@ distilling onto them (`loss.distill`) would pull the head towards A's mistakes; 
 *ranks*: listwise distillation (`loss.listwise_weight`) makes its softmax over the paired texts' A embeddings
 match B's softmax over their B embeddings, for the training queries and for the paired texts themselves as
 unlabelled pseudo-queries, alongside the full-corpus softmax on the qrels. Like `configs/drift.py`, the map
-moves far from the identity: weak decay, no recovery pull, an output bias; the head is a residual MLP. `configs/drift_reverse_demo.py`
-is the same on top of the demo's settings.
+moves far from the identity: weak decay, no recovery pull, an output bias; the head is a residual MLP.
+Variant `demo` applies it on top of `configs/demo.py` with a linear head.
 """
 
-from esep_jax.config import Config
+from pathlib import Path
+
+from esep_jax.config import Config, load_config_file, override
+
+# A static index is a bag of tokens: ranking its rows like B needs a non-linear map (on NFCorpus the MLP
+# head retains 100 % of B's quality; the linear head's dev nDCG@10 lagged it by 2.3 points at step 700).
+REVERSE_DRIFT = {"model.head": "mlp", "model.hidden_dim": 1024, "model.use_bias": True, "loss.recovery_weight": 0.0,
+                 "loss.listwise_weight": 1.0, "loss.listwise_temperature": 0.05, "optim.learning_rate": 1e-3,
+                 "optim.weight_decay": 1e-4, "train.patience": 10}
+# On the demo a linear head already retains 95.7 % (the MLP head: 95.0 % when stopped at step 800).
+DEMO = {"model.head": "linear", "train.num_steps": 1500, "train.eval_every": 50, "train.patience": 10}
 
 
-def apply_reverse_drift_settings(config: Config) -> Config:
-    # A static index is a bag of tokens: ranking its rows like B needs a non-linear map (on NFCorpus the MLP
-    # head retains 100 % of B's quality; the linear head's dev nDCG@10 lagged it by 2.3 points at step 700).
-    config.model.head = "mlp"
-    config.model.hidden_dim = 1024
-    config.model.use_bias = True
-    config.loss.recovery_weight = 0.0
-    config.loss.listwise_weight = 1.0
-    config.loss.listwise_temperature = 0.05
-    config.optim.learning_rate = 1e-3
-    config.optim.weight_decay = 1e-4
-    config.train.patience = 10
-    return config
-
-
-def get_config() -> Config:
-    return apply_reverse_drift_settings(Config())
+def get_config(variant: str = "") -> Config:
+    if variant == "demo":
+        return override(override(load_config_file(str(Path(__file__).with_name("demo.py"))), REVERSE_DRIFT), DEMO)
+    if variant:
+        raise ValueError(f"unknown variant {variant!r} (variants: demo)")
+    return override(Config(), REVERSE_DRIFT)

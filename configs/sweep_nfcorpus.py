@@ -5,16 +5,12 @@ makes two groups, so two compiled ensembles of 8 members each. The leaderboard a
 from this sweep.
 """
 
-from esep_jax.config import Config
+from esep_jax.config import Config, override
 
 
 def get_config() -> Config:
-    config = Config()
-    config.train.num_steps = 1500
-    config.train.eval_every = 100
-    config.train.patience = 4
-    config.model.rank = 64
-    return config
+    return override(Config(), {"train.num_steps": 1500, "train.eval_every": 100, "train.patience": 4,
+                               "model.rank": 64})
 
 
 def get_sweep() -> dict:

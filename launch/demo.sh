@@ -4,7 +4,7 @@
 # Outputs go to runs/demo/ (or $ESEP_DEMO_DIR); each invocation starts that run afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source tools/bootstrap.sh
+source .ci/bootstrap.sh
 demo=esep_jax/demo_data/pystdlib
 out="${ESEP_DEMO_DIR:-runs/demo}"
 rm -rf "$out/workdir"

@@ -3,5 +3,5 @@
 # Rerunning with the same --workdir resumes from the newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source tools/bootstrap.sh
+source .ci/bootstrap.sh
 exec esep-jax train "$@"

@@ -4,7 +4,7 @@
 # The same program as on N hosts, for trying multi-host runs (and for the tests). Exits non-zero if any fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source tools/bootstrap.sh
+source .ci/bootstrap.sh
 processes="$1" devices="$2"
 shift 2
 port="${ESEP_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}"

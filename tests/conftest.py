@@ -93,22 +93,38 @@ def nfcorpus_dataset(tmp_path_factory) -> str:
     return str(out)
 
 
-def final_train_state(workdir: Path, dataset_path: str):
-    """(step, state) of the newest checkpoint in a run's workdir, restored as the trainer would."""
+def final_train_state(workdir: Path, dataset_path: str | None = None):
+    """(step, state) of the newest valid checkpoint in a run's workdir, restored read-only."""
     import jax
 
-    from esep_jax.data.dataset import Dataset
-    from esep_jax.train.checkpoint import Checkpointer, abstract_on_one_device, read_run_config
-    from esep_jax.train.loop import build_training, initial_state
+    from esep_jax.runs import checkpoints
+    from esep_jax.runs.layout import read_run_config, read_run_info
+    from esep_jax.runs.state import run_components
 
-    config = read_run_config(workdir)
-    dataset = Dataset(dataset_path)
-    head, optimizer, _ = build_training(config, dataset)
-    checkpointer = Checkpointer(workdir)
-    step, state = checkpointer.restore_newest_valid(abstract_on_one_device(jax.eval_shape(
-        lambda: initial_state(config, dataset, head, optimizer))), move_damaged=False)
-    checkpointer.close()
+    config, dims = read_run_config(workdir), read_run_info(workdir)["dataset"]
+    _, _, _, fresh_state = run_components(config, dims["query_dim"], dims["corpus_dim"])
+    manager = checkpoints.reader(workdir)
+    try:
+        step, state, _ = checkpoints.newest_valid(manager, checkpoints.abstract_on_one_device(
+            jax.eval_shape(fresh_state)))
+    finally:
+        manager.close()
     return step, state
+
+
+def one_step(config, dataset, batch: dict, tables: dict, mesh=None):
+    """(state after one train step from the fresh state, metrics) for a config on a dataset."""
+    import jax
+
+    from esep_jax.objectives import build_terms
+    from esep_jax.objectives.corpus_softmax import make_data_corpus_mesh
+    from esep_jax.runs.state import run_components
+    from esep_jax.training.step import make_train_step
+
+    mesh = mesh or make_data_corpus_mesh(1)
+    head, optimizer, schedule, fresh_state = run_components(config, dataset.query_dim, dataset.corpus_dim)
+    step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, build_terms(config, dataset)))
+    return step(fresh_state(), batch, tables)
 
 
 def assert_states_equal(a, b) -> None:

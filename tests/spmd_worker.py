@@ -13,10 +13,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from esep_jax.config import Config
-from esep_jax.corpus_softmax import DATA, ShardedCorpus, make_corpus_softmax_loss, make_data_corpus_mesh
-from esep_jax.models.heads import build_head
-from esep_jax.train.step import create_state, make_optimizer, make_train_step
+from esep_jax.config import Config, override
+from esep_jax.objectives import build_terms
+from esep_jax.objectives.corpus_softmax import DATA, ShardedCorpus, make_corpus_softmax_loss, make_data_corpus_mesh
+from esep_jax.runs.state import run_components
+from esep_jax.training.step import make_train_step
 
 DOCS, DIM, BATCH, POSITIVES, STEPS = 203, 16, 32, 3, 4
 
@@ -45,17 +46,17 @@ def run(corpus_shards: int, corpus: np.ndarray, mask: np.ndarray) -> dict[str, n
     results["loss"], results["grad"] = np.asarray(per_query), np.asarray(grad)
 
     for micro in (0, 8):
-        config = Config()
-        config.train.batch_size, config.train.micro_batch_size, config.train.corpus_chunk = BATCH, micro, 16
-        config.loss.temperature, config.loss.z_loss, config.loss.recovery_weight = 0.1, 1e-3, 0.5
-        config.optim.learning_rate, config.optim.warmup_steps = 0.05, 0  # parameters move well beyond atol
-        head = build_head(config.model, DIM)
-        optimizer, schedule = make_optimizer(config.optim, 10)
-        step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
-        state = jax.device_put(create_state(head, optimizer, 0, DIM), NamedSharding(mesh, P()))
+        config = override(Config(), {
+            "train.batch_size": BATCH, "train.micro_batch_size": micro, "train.corpus_chunk": 16, "train.num_steps": 10,
+            "loss.temperature": 0.1, "loss.z_loss": 1e-3, "loss.recovery_weight": 0.5,
+            "optim.learning_rate": 0.05, "optim.warmup_steps": 0})  # parameters move well beyond atol
+        head, optimizer, schedule, fresh_state = run_components(config, DIM, DIM)
+        step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, build_terms(config)),
+                       donate_argnums=(0,))
+        state = jax.device_put(fresh_state(), NamedSharding(mesh, P()))
         for index in range(STEPS):
             state, metrics = step(state, jax.device_put(inputs(index + 1), batch_sharding),
-                                  (sharded.embeddings, sharded.mask))
+                                  {"corpus": (sharded.embeddings, sharded.logit_bias)})
         for name, leaf in jax.tree_util.tree_leaves_with_path(state.params):
             results[f"micro{micro}/params{jax.tree_util.keystr(name)}"] = np.asarray(leaf)
         results[f"micro{micro}/loss"] = np.asarray(metrics["loss"])

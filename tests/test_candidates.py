@@ -134,7 +134,7 @@ def test_arrays_from_an_interrupted_write_are_refused(dataset_dir):
 
 
 def test_reading_a_missing_name_or_array_names_what_is_missing(dataset_dir):
-    with pytest.raises(InputError, match=r"dataset.json: candidates: no candidates named 'nope' \(available: none"):
+    with pytest.raises(InputError, match=r"dataset.json: candidates: no candidates named 'nope' in the dataset \(available: none"):
         read_candidates(Dataset(str(dataset_dir)), "nope")
     write_candidates(str(dataset_dir), "hard", _example(0))
     with pytest.raises(InputError, match=r"available: hard"):

@@ -1,4 +1,4 @@
-"""Closed-form query maps (esep_jax.closed_form) and the drift retention report (esep_jax.drift)."""
+"""Closed-form query maps (esep_jax.heads.closed_form) and the drift retention report (esep_jax.evaluation.drift)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from esep_jax import closed_form as cf
+from esep_jax.heads import closed_form as cf
 
 
 def random_orthogonal(d: int, seed: int) -> np.ndarray:
@@ -83,7 +83,7 @@ def test_ridge_towards_identity_with_huge_alpha_is_the_identity(d_in, d_out):
     W, _ = cf.ridge(source, target, 1e9, towards="zero")
     np.testing.assert_allclose(W, 0, atol=1e-5)
     # E is base_projection: truncation or zero-padding, as the heads start.
-    from esep_jax.models.heads import base_projection
+    from esep_jax.heads import base_projection
     np.testing.assert_allclose(cf.apply_map(source, cf.identity_map(d_in, d_out)),
                                np.asarray(base_projection(source.astype(np.float32), d_out)), atol=1e-6)
 
@@ -138,8 +138,8 @@ def test_supervised_targets_are_grade_weighted_means(synthetic_dataset):
 
 def test_ridge_to_positive_documents_beats_the_identity(synthetic_dataset):
     from esep_jax.data.dataset import Dataset
-    from esep_jax.eval.evaluate import SplitEvaluator
-    from esep_jax.eval.retrieval import ExactIndex
+    from esep_jax.evaluation.evaluator import SplitEvaluator
+    from esep_jax.evaluation.retrieval import ExactIndex
 
     dataset = Dataset(synthetic_dataset)
     index = ExactIndex(dataset.read_corpus())
@@ -162,7 +162,7 @@ def test_drift_report_on_a_rotated_encoder(synthetic_dataset, tmp_path, capsys):
     unmapped B queries fail on A's index, and the fitted maps bring them back (retention ~ 1)."""
     from esep_jax.cli import main
     from esep_jax.data.dataset import Dataset
-    from esep_jax.drift import drift_report, fit_drift_maps, markdown_table
+    from esep_jax.evaluation.drift import drift_report, fit_drift_maps, markdown_table
 
     dataset_A = Dataset(synthetic_dataset)
     R = random_orthogonal(dataset_A.query_dim, 9)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esep_jax.corpus_softmax import ShardedCorpus, make_corpus_softmax_loss, make_data_corpus_mesh
-from esep_jax.losses import full_corpus_softmax_loss
+from esep_jax.objectives.corpus_softmax import ShardedCorpus, make_corpus_softmax_loss, make_data_corpus_mesh
+from esep_jax.objectives.full_corpus import full_corpus_softmax_loss
 
 
 def _inputs(seed=0, batch=6, docs=37, dim=8, positives=4):

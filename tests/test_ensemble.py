@@ -11,7 +11,7 @@ import pytest
 from conftest import final_train_state
 from esep_jax.cli import main
 from esep_jax.config import load_config, member_values
-from esep_jax.ensemble import combine, greedy_selection
+from esep_jax.heads.ensemble import combine, greedy_selection
 from esep_jax.errors import InputError
 
 FAST = ["--config.optim.weight_decay=1e-4", "--config.train.num_steps=40", "--config.train.eval_every=10", "--config.train.checkpoint_every=20",
@@ -37,8 +37,8 @@ def test_greedy_selection_picks_by_the_dev_score_with_replacement():
 
 def test_per_member_values_are_checked():
     config = load_config(None, ["ensemble.members=3", "ensemble.learning_rate=1e-3,3e-3,1e-2"])
-    assert member_values(config)["learning_rate"] == [1e-3, 3e-3, 1e-2]
-    assert member_values(config)["temperature"] == [0.05] * 3
+    assert member_values(config)["learning_rate"] == (1e-3, 3e-3, 1e-2)
+    assert member_values(config)["temperature"] == (0.05,) * 3
     with pytest.raises(InputError, match="2 values for 3 members"):
         load_config(None, ["ensemble.members=3", "ensemble.temperature=0.1,0.2"])
     with pytest.raises(InputError, match="dropout"):

@@ -14,7 +14,7 @@ from esep_jax.cli import main
 from esep_jax.config import ModelConfig
 from esep_jax.export import format as fmt
 from esep_jax.export.bundle import fold_head
-from esep_jax.models.heads import build_head, init_params
+from esep_jax.heads import build_head, init_params
 from esep_jax.serving import BundleError, ChecksumError, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,8 @@ def demo_run(tmp_path_factory) -> dict:
 
 def test_metrics_through_the_bundle_equal_exact_evaluation(demo_run):
     from esep_jax.data.dataset import Dataset
-    from esep_jax.eval.metrics import doc_id_ranks, mean_metrics, per_query_metrics
-    from esep_jax.eval.report import evaluate_split
+    from esep_jax.evaluation.metrics import doc_id_ranks, mean_metrics, per_query_metrics
+    from esep_jax.evaluation.report import evaluate_split
 
     exact = evaluate_split(demo_run["data"], "test", workdir=demo_run["workdir"])
     assert exact["head"]["ndcg@10"] > exact["base"]["ndcg@10"]  # the run trained something
@@ -57,9 +57,16 @@ def test_metrics_through_the_bundle_equal_exact_evaluation(demo_run):
         assert abs(through_bundle[name] - exact["head"][name]) <= 0.005, name
 
     manifest = searcher.manifest
-    assert manifest["eval"]["split"] == "test" and manifest["eval"]["queries"] == 636
-    assert manifest["eval"]["head"]["ndcg@10"] == pytest.approx(exact["head"]["ndcg@10"], abs=1e-6)
-    assert manifest["eval"]["bundle"]["ndcg@10"] == pytest.approx(through_bundle["ndcg@10"], abs=1e-6)
+    # Export records dev figures (it never reads test queries): the same as `eval --split dev`.
+    dev = evaluate_split(demo_run["data"], "dev", workdir=demo_run["workdir"])
+    assert manifest["eval"]["split"] == "dev" and manifest["eval"]["queries"] == 324
+    assert manifest["eval"]["head"]["ndcg@10"] == pytest.approx(dev["head"]["ndcg@10"], abs=1e-6)
+    dev_qrels = dataset.qrels("dev")
+    rows, scores = searcher.search_rows(dataset.read_queries(dev_qrels.query_rows), 100)
+    dev_bundle = mean_metrics(per_query_metrics(rows, scores, dev_qrels, doc_id_ranks(dataset.ids("corpus")),
+                                                (10, 100)))
+    assert manifest["eval"]["bundle"]["ndcg@10"] == pytest.approx(dev_bundle["ndcg@10"], abs=1e-6)
+    assert manifest["index"]["tuned_on"] == "dev"
     assert manifest["encoder"] == {"name": "all-MiniLM-L6-v2", "query_prompt": "", "document_prompt": ""}
     assert (manifest["input_dim"], manifest["output_dim"], manifest["metric"]) == (384, 384, "dot_product")
     assert manifest["normalized"] is True and manifest["head"]["kind"] == "linear"
@@ -80,17 +87,18 @@ def test_metrics_through_the_bundle_equal_exact_evaluation(demo_run):
 ])
 def test_exported_heads_equal_the_jax_heads(synthetic_dataset, tmp_path, head, extra):
     from esep_jax.data.dataset import Dataset
-    from esep_jax.train.loop import load_best_head, query_transform
+    from esep_jax.runs.trained_run import TrainedRun
 
     workdir, bundle = tmp_path / "run", tmp_path / "bundle"
     assert main(["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST,
                  "--config.train.num_steps=20", f"--config.model.head={head}", *extra]) == 0
     assert main(["export", "--workdir", str(workdir), "--out", str(bundle)]) == 0
     dataset = Dataset(synthetic_dataset)
-    _, module, member_params, weights, best_steps = load_best_head(workdir, dataset)
-    assert (np.asarray(best_steps) > 0).any()  # a trained head, not the identity
+    run = TrainedRun.load(workdir)
+    weights = run.weights
+    assert (run.best_steps > 0).any()  # a trained head, not the identity
     queries = dataset.read_queries(np.arange(100))
-    expected = np.asarray(query_transform(module, member_params, weights)(queries))
+    expected = np.asarray(run.transform(queries))
     searcher = Searcher.load(bundle)
     manifest_head = searcher.manifest["head"]
     assert manifest_head["kind"] == ("mlp" if head == "mlp" else "linear") and manifest_head["trained_as"] == head
@@ -171,7 +179,7 @@ def test_search_cli_encodes_text_with_the_bundles_encoder(demo_run, capsys):
 
 
 def test_search_cli_text_without_the_encoder_extra_is_one_clear_line(demo_run, capsys, monkeypatch):
-    from esep_jax.data import text_encoder
+    from esep_jax.data import encoders as text_encoder
 
     def missing(*args, **kwargs):
         raise text_encoder.EncoderNotInstalledError("encoding text needs sentence-transformers: pip install "

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import ingest_args, write_synthetic_sources
 from esep_jax.cli import main
 from esep_jax.data.dataset import Dataset
-from esep_jax.data.text_encoder import read_beir_corpus, read_beir_queries
+from esep_jax.errors import InputError
+from esep_jax.data.beir import read_beir_corpus, read_beir_queries
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 TEMPLATE = Path(tempfile.mkdtemp(prefix="esep-fuzz-"))
@@ -101,8 +102,8 @@ def test_fuzzed_beir_jsonl(lines):
     path.write_text("\n".join(lines) + "\n")
     for reader in (read_beir_corpus, read_beir_queries):
         try:
-            ids, texts = reader(path)
-        except ValueError as error:
+            ids, texts, _ = reader(path)
+        except InputError as error:
             assert str(error).startswith(str(path)), error
             assert "\n" not in str(error)
         else:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from esep_jax.config import ModelConfig
-from esep_jax.models.heads import build_head, init_params
+from esep_jax.heads import build_head, init_params
 
 
 @pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])

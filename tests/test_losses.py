@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esep_jax.losses import (full_corpus_softmax_loss, in_batch_softmax_loss, recovery_penalty, sample_positive,
-                             target_distribution)
+from esep_jax.objectives.full_corpus import full_corpus_softmax_loss
+from esep_jax.objectives.in_batch import in_batch_softmax_loss, sample_positive
+from esep_jax.objectives.recovery import recovery_penalty
+from esep_jax.objectives.targets import target_distribution
 
 
 def _logsumexp(x):

@@ -7,7 +7,7 @@ import pytest
 import pytrec_eval
 
 from esep_jax.data.dataset import Qrels
-from esep_jax.eval.metrics import DEFAULT_CUTOFFS, doc_id_ranks, mean_metrics, per_query_metrics
+from esep_jax.evaluation.metrics import DEFAULT_CUTOFFS, doc_id_ranks, mean_metrics, per_query_metrics
 
 TREC_NAMES = {"ndcg": "ndcg_cut_{k}", "recall": "recall_{k}", "map": "map_cut_{k}", "p": "P_{k}"}
 

@@ -13,7 +13,7 @@ from esep_jax.cli import main
 from esep_jax.data.candidates import read_candidates
 from esep_jax.data.dataset import Dataset
 from esep_jax.errors import InputError
-from esep_jax.mining import mine_negatives, select_negatives
+from esep_jax.evaluation.mining import mine_negatives, select_negatives
 
 NUM_DOCS = 60
 
@@ -115,7 +115,7 @@ def test_keeping_judged_documents_gives_the_raw_ranking(mining_data):
 
 
 def test_mining_through_a_trained_head(mining_data, tmp_path):
-    from esep_jax.train.loop import load_best_head, query_transform
+    from esep_jax.runs.trained_run import TrainedRun
 
     workdir = tmp_path / "run"
     # dev = train so a few steps already beat the base and the best head is not the identity.
@@ -124,10 +124,9 @@ def test_mining_through_a_trained_head(mining_data, tmp_path):
                  "--config.optim.warmup_steps=1", "--config.optim.learning_rate=3e-2", "--config.optim.weight_decay=1e-4",
                  "--config.train.dev_split=train"]) == 0
     dataset = Dataset(mining_data["path"])
-    _, head, params, weights, best_steps = load_best_head(workdir, dataset)
-    assert best_steps.max() > 0
-    vectors = np.asarray(query_transform(head, params, weights)(
-        dataset.read_queries(dataset.qrels("train").query_rows)))
+    run = TrainedRun.load(workdir)
+    assert run.best_steps.max() > 0
+    vectors = np.asarray(run.transform(dataset.read_queries(dataset.qrels("train").query_rows)))
     mined = mine_negatives(dataset, "train", k=6, skip=2, workdir=workdir)
     expected_rows, expected_scores = _brute_force(dataset, "train", 6, 2, vectors=vectors)
     np.testing.assert_array_equal(mined.doc_rows, expected_rows)

@@ -158,7 +158,7 @@ def test_failure_before_rename_leaves_nothing(sources, tmp_path, monkeypatch):
 
 def test_cli_mix_then_train_and_evaluate_per_source(sources, tmp_path, capsys):
     from esep_jax.config import load_config
-    from esep_jax.train.loop import train_and_evaluate
+    from esep_jax.training.loop import train_and_evaluate
 
     out = tmp_path / "mix"
     assert main(["mix", "--out", str(out), "--dataset", f"a={sources['a']}", "--dataset", f"b={sources['b']}",

@@ -13,9 +13,9 @@ from conftest import SHARED_DATA
 from esep_jax.cli import main
 from esep_jax.config import Config
 from esep_jax.data.dataset import Dataset
-from esep_jax.eval.evaluate import SplitEvaluator
-from esep_jax.eval.retrieval import ExactIndex
-from esep_jax.models.heads import build_head, init_params
+from esep_jax.evaluation.evaluator import SplitEvaluator
+from esep_jax.evaluation.retrieval import ExactIndex
+from esep_jax.heads import build_head, init_params
 
 PUBLISHED_NDCG10 = 0.3159  # MTEB, all-MiniLM-L6-v2 on NFCorpus test
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from esep_jax.eval.retrieval import ExactIndex
+from esep_jax.evaluation.retrieval import ExactIndex
 
 
 @pytest.mark.parametrize("num_docs, corpus_chunk, query_chunk, k", [

@@ -13,10 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from esep_jax.config import Config
-from esep_jax.corpus_softmax import ShardedCorpus, make_data_corpus_mesh
-from esep_jax.models.heads import build_head
-from esep_jax.train.step import create_state, make_optimizer, make_train_step
+from esep_jax.config import Config, override
+from esep_jax.objectives.corpus_softmax import ShardedCorpus, make_data_corpus_mesh
+from esep_jax.heads import build_head
+from esep_jax.objectives import build_terms
+from esep_jax.runs.state import run_components
+from esep_jax.training.step import make_train_step
 
 WORKER = Path(__file__).with_name("spmd_worker.py")
 
@@ -68,12 +70,11 @@ def test_a_65536_query_batch_in_micro_batches_equals_one_batch():
     sharded = ShardedCorpus(corpus, mesh, chunk=128)
     params = {}
     for micro in (0, 4096):
-        config = Config()
-        config.train.batch_size, config.train.micro_batch_size, config.train.corpus_chunk = batch, micro, 128
-        head = build_head(config.model, dim)
-        optimizer, schedule = make_optimizer(config.optim, 10)
-        step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh))
-        state, metrics = step(create_state(head, optimizer, 0, dim), data, (sharded.embeddings, sharded.mask))
+        config = override(Config(), {"train.batch_size": batch, "train.micro_batch_size": micro,
+                                     "train.corpus_chunk": 128, "train.num_steps": 10})
+        head, optimizer, schedule, fresh_state = run_components(config, dim, dim)
+        step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, build_terms(config)))
+        state, metrics = step(fresh_state(), data, {"corpus": (sharded.embeddings, sharded.logit_bias)})
         params[micro] = (np.asarray(state.opt_state[1].mu["residual"]["kernel"]), float(metrics["loss"][0]))
     np.testing.assert_allclose(params[4096][0], params[0][0], rtol=1e-4, atol=1e-7)
     assert params[4096][1] == pytest.approx(params[0][1], rel=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from esep_jax.cli import main
 from esep_jax.config import Config
 from esep_jax.errors import InputError
-from esep_jax.sweep import expand, group_trials
+from esep_jax.training.sweep import expand, group_trials
 
 
 def test_grid_groups_by_shape_and_maps_the_rest_onto_members():
@@ -20,7 +20,7 @@ def test_grid_groups_by_shape_and_maps_the_rest_onto_members():
     assert sorted(config.model.head for config, _ in groups) == ["linear", "lowrank"]
     for config, members in groups:
         assert config.ensemble.members == 4 == len(members)
-        assert config.ensemble.learning_rate.split(",") == [str(m["optim.learning_rate"]) for m in members]
+        assert config.ensemble.learning_rate == tuple(m["optim.learning_rate"] for m in members)
 
 
 def test_random_search_is_seeded_and_checked():
@@ -35,9 +35,9 @@ def test_random_search_is_seeded_and_checked():
 def test_sweep_writes_leaderboard_and_plots(synthetic_dataset, tmp_path):
     sweep_file = tmp_path / "sweep.py"
     sweep_file.write_text(
-        "from esep_jax.config import Config\n"
-        "def get_config():\n    c = Config()\n    c.train.num_steps = 30\n    c.train.eval_every = 10\n"
-        "    c.train.batch_size = 32\n    c.optim.warmup_steps = 5\n    c.optim.weight_decay = 1e-4\n    c.model.rank = 4\n    return c\n"
+        "from esep_jax.config import Config, override\n"
+        "def get_config():\n    return override(Config(), {'train.num_steps': 30, 'train.eval_every': 10,"
+        " 'train.batch_size': 32, 'optim.warmup_steps': 5, 'optim.weight_decay': 1e-4, 'model.rank': 4})\n"
         "def get_sweep():\n    return {'grid': {'model.head': ['linear', 'lowrank'],"
         " 'optim.learning_rate': [1e-3, 1e-2]}}\n")
     workdir = tmp_path / "sweep"

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esep_jax.config import Config
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from esep_jax.corpus_softmax import CORPUS, ShardedCorpus, make_data_corpus_mesh
-from esep_jax.models.heads import build_head
-from esep_jax.train.step import create_state, make_optimizer, make_train_step
+from esep_jax.config import Config, override
+from esep_jax.objectives import build_terms
+from esep_jax.objectives.corpus_softmax import CORPUS, ShardedCorpus, make_data_corpus_mesh
+from esep_jax.runs.state import run_components
+from esep_jax.training.step import make_train_step
 
 MATMUL_CHUNKS = (2048, 4096, 8192)
 
@@ -80,18 +81,18 @@ def _compiled_step(corpus_size: int, dim: int, batch: int, *, chunk: int, dtype:
     corpus_rows /= np.linalg.norm(corpus_rows, axis=1, keepdims=True)
     corpus = ShardedCorpus(corpus_rows, mesh, chunk=chunk, dtype=corpus_dtype)
     del corpus_rows
-    config = Config()
-    config.train.batch_size, config.train.corpus_chunk, config.ensemble.members = batch, chunk, members
-    head = build_head(config.model, dim)
-    optimizer, schedule = make_optimizer(config.optim, 1000)
-    step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh), donate_argnums=(0,))
+    config = override(Config(), {"train.batch_size": batch, "train.corpus_chunk": chunk, "train.seed": seed,
+                                 "ensemble.members": members, "train.num_steps": 1000})
+    head, optimizer, schedule, fresh_state = run_components(config, dim, dim)
+    step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, build_terms(config)),
+                   donate_argnums=(0,))
     sharding = NamedSharding(mesh, P("data"))
     batch_arrays = jax.device_put({
         "queries": rng.standard_normal((batch, dim), dtype=np.float32),
         "positive_ids": rng.integers(0, corpus_size, (batch, 4)).astype(np.int32),
         "positive_weights": np.ones((batch, 4), np.float32)}, sharding)
-    state = jax.device_put(create_state(head, optimizer, seed, dim, members), NamedSharding(mesh, P()))
-    arguments = (batch_arrays, (corpus.embeddings, corpus.mask))
+    state = jax.device_put(fresh_state(), NamedSharding(mesh, P()))
+    arguments = (batch_arrays, {"corpus": (corpus.embeddings, corpus.logit_bias)})
     compiled = step.lower(state, *arguments).compile()
     memory = compiled.memory_analysis()
     static_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes

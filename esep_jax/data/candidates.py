@@ -121,13 +121,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def read_candidates(dataset: Dataset, name: str) -> Candidates:
-    """The named candidate lists of a dataset, checked against the manifest and the dataset's tables."""
+def read_candidates(dataset: Dataset, name: str, field: str = "candidates") -> Candidates:
+    """The named candidate lists of a dataset, checked against the manifest and the dataset's tables
+    (`field`: what asked for them, named in the error when there are none)."""
     manifest_file = f"{dataset.location}/{MANIFEST}"
     entries = dataset.manifest.get("candidates", {})
     if name not in entries:
-        raise InputError(f"no candidates named {name!r} (available: {', '.join(sorted(entries)) or 'none'})",
-                         file=manifest_file, field="candidates")
+        raise InputError(f"no candidates named {name!r} in the dataset (available: "
+                         f"{', '.join(sorted(entries)) or 'none'})", file=manifest_file, field=field)
     entry = dict(entries[name])
     spec = kvstore_spec(dataset.location)
     prefix = f"{CANDIDATES_DIR}/{name}"

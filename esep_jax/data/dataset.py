@@ -23,7 +23,9 @@ index; they are small and read whole, while embeddings stay in tensorstore and a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,8 @@ def kvstore_spec(location: str) -> dict:
         location = location[len("file://"):]
     elif "://" in location:
         return _cloud_spec(location)
-    return {"driver": "file", "path": str(Path(location).absolute()) + "/"}
+    # abspath, not Path.absolute: `..` must be resolved (tensorstore refuses file paths that contain it).
+    return {"driver": "file", "path": os.path.abspath(location) + "/"}
 
 
 def _cloud_spec(url: str) -> dict:
@@ -85,13 +88,19 @@ def create_array(directory: Path, key: str, shape: tuple[int, ...], dtype: str) 
     return store, rows
 
 
-def write_array(directory: Path, key: str, values: np.ndarray, dtype: str | None = None) -> None:
-    """Writes a 1-D or 2-D array as zarr3, chunked by rows. `values` may be a memory map."""
+def write_array(directory: Path, key: str, values: np.ndarray, dtype: str | None = None, hasher=None) -> None:
+    """Writes a 1-D or 2-D array as zarr3, chunked by rows. `values` may be a memory map.
+
+    `hasher` (a hashlib object) is fed the key, shape and stored bytes: the dataset's content fingerprint."""
     store, rows = create_array(directory, key, tuple(values.shape), dtype or values.dtype.name)
+    if hasher is not None:
+        hasher.update(f"{key}|{store.dtype.name}|{tuple(values.shape)}|".encode())
     # Copy in row blocks so a memory-mapped input never has to fit in memory at once.
     for start in range(0, values.shape[0], rows * 16):
-        block = np.asarray(values[start:start + rows * 16])
-        store[start:start + block.shape[0]].write(block.astype(store.dtype.numpy_dtype)).result()
+        block = np.asarray(values[start:start + rows * 16]).astype(store.dtype.numpy_dtype)
+        store[start:start + block.shape[0]].write(block).result()
+        if hasher is not None:
+            hasher.update(np.ascontiguousarray(block).tobytes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,16 +137,25 @@ class Qrels:
         )
 
 
-def write_qrels(directory: Path, split: str, qrels: Qrels) -> None:
+def write_qrels(directory: Path, split: str, qrels: Qrels, hasher=None) -> None:
     for name in ("query_rows", "offsets", "doc_rows", "grades"):
-        write_array(directory, f"qrels/{split}/{name}", getattr(qrels, name))
+        write_array(directory, f"qrels/{split}/{name}", getattr(qrels, name), hasher=hasher)
+
+
+def write_ids(directory: Path, name: str, ids: list[str], hasher=None) -> None:
+    """An id file, one id per line (ids are checked at ingest to hold no line breaks or whitespace)."""
+    text = "\n".join(ids) + "\n"
+    (directory / name).write_text(text, encoding="utf-8")
+    if hasher is not None:
+        hasher.update(f"{name}|".encode() + text.encode("utf-8"))
 
 
 class Dataset:
     """A read-only handle on a dataset directory or URL. Embedding tables are opened lazily."""
 
     def __init__(self, location: str):
-        self.location = str(location)
+        location = str(location)
+        self.location = location if "://" in location else os.path.abspath(location)
         self._spec = kvstore_spec(self.location)
         self._kvstore = ts.KvStore.open(self._spec).result()
         raw = self._read_bytes(MANIFEST, required=True)
@@ -213,11 +231,31 @@ class Dataset:
         """The given query rows, in the given order."""
         return self.query_table()[np.asarray(rows, dtype=np.int64)].read().result().astype(dtype)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the dataset's content (embeddings, ids, qrels), written at ingest; a run records it so a
+        workdir refuses other data at the same path. (Datasets from before fingerprints: the manifest's hash.)"""
+        stored = self.manifest.get("fingerprint")
+        if isinstance(stored, str):
+            return stored
+        return "manifest-" + hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
     def ids(self, table: str) -> list[str]:
         """Ids of `corpus` or `queries` rows, in row order."""
         if table not in self._ids:
             name = {"corpus": "corpus_ids.txt", "queries": "query_ids.txt"}[table]
-            self._ids[table] = self._read_bytes(name, required=True).decode("utf-8").splitlines()
+            try:
+                text = self._read_bytes(name, required=True).decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputError(f"not UTF-8: {error}", file=f"{self.location}/{name}") from None
+            # Split on "\n" alone: str.splitlines would also split inside an id at U+2028 and other separators.
+            ids = text.split("\n")
+            if ids and ids[-1] == "":
+                ids.pop()
+            expected = self.manifest[table]["count"]
+            if len(ids) != expected:
+                raise InputError(f"{len(ids)} ids, the manifest says {expected} rows", file=f"{self.location}/{name}")
+            self._ids[table] = ids
         return self._ids[table]
 
     def qrels(self, split: str) -> Qrels:

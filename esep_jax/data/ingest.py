@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from esep_jax.atomic import atomic_directory
-from esep_jax.data.dataset import FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, Qrels, write_array, write_qrels
-from esep_jax.errors import InputError
+from esep_jax.data.ids import check_id, read_ids, text_line_of
+from esep_jax.data.dataset import (FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, Qrels, write_array, write_ids,
+                                   write_qrels)
+from esep_jax.errors import InputError, storage_errors
 
 ACCEPTED_DTYPES = ("float16", "float32", "float64")
+# Grades are stored as int32; these bounds leave room for arithmetic on them.
+GRADE_MIN, GRADE_MAX = -(1 << 20), 1 << 20
 NORMALISED_TOLERANCE = 1e-2
 
 
@@ -28,28 +33,6 @@ class EmbeddingSource:
     embeddings: np.ndarray
     ids: list[str]
     name: str  # file name or description, for messages
-
-
-def read_ids(path: str) -> list[str]:
-    """One id per line; blank lines, ids with whitespace inside, and duplicates are errors."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read ids: {error}", file=path) from None
-    seen: dict[str, int] = {}
-    for line_number, raw in enumerate(lines, start=1):
-        identifier = raw.strip()
-        if not identifier:
-            raise InputError("empty id", file=path, line=line_number)
-        if any(ch.isspace() for ch in identifier):
-            raise InputError(f"id {identifier!r} contains whitespace", file=path, line=line_number)
-        if identifier in seen:
-            raise InputError(f"duplicate id {identifier!r} (first on line {seen[identifier]})",
-                             file=path, line=line_number)
-        seen[identifier] = line_number
-    if not seen:
-        raise InputError("no ids", file=path)
-    return list(seen)
 
 
 def load_embeddings(path: str, ids: list[str], ids_path: str) -> np.ndarray:
@@ -85,10 +68,7 @@ def is_normalised(values: np.ndarray) -> bool:
 
 def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]) -> Qrels:
     """Parses BEIR (`query-id  corpus-id  score`, optional header) or TREC (`qid 0 docid rel`) qrels."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read qrels: {error}", file=path) from None
+    lines = _text_lines(path, "qrels")
     per_query: dict[int, dict[int, int]] = {}
     first_seen: dict[tuple[int, int], int] = {}
     for line_number, raw in enumerate(lines, start=1):
@@ -108,6 +88,9 @@ def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]
         except ValueError:
             raise InputError(f"score {grade_text!r} is not an integer", file=path, line=line_number,
                              field="score") from None
+        if not GRADE_MIN <= grade <= GRADE_MAX:
+            raise InputError(f"score {grade} is outside [{GRADE_MIN}, {GRADE_MAX}]", file=path, line=line_number,
+                             field="score")
         if query_id not in query_index:
             raise InputError(f"unknown query id {query_id!r}", file=path, line=line_number, field="query-id")
         if doc_id not in doc_index:
@@ -124,6 +107,19 @@ def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]
     return Qrels.from_lists(query_rows, [(np.fromiter(per_query[q].keys(), np.int32, len(per_query[q])),
                                           np.fromiter(per_query[q].values(), np.int32, len(per_query[q])))
                                          for q in query_rows])
+
+
+def _text_lines(path: str, what: str) -> list[str]:
+    """A text file's lines split on `\n` alone (an id with U+2028 must not become two lines)."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as error:
+        raise InputError(f"cannot read {what}: {error.strerror or error}", file=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"not UTF-8 ({error.reason})", file=path, line=text_line_of(data, error.start)) from None
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def parse_qrels_args(specs: list[str]) -> dict[str, str]:
@@ -152,6 +148,9 @@ def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, q
     corpus encoder's embedding of the same query text); `paired_source` [P, d_query] + `paired_target`
     [P, d_corpus], unlabelled texts embedded by the query encoder and by the corpus encoder.
     """
+    for source, what in ((corpus, "corpus"), (queries, "query")):
+        for row, identifier in enumerate(source.ids):
+            check_id(identifier, file=source.name, row=row, field=f"{what} id")
     if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
         raise InputError(f"must be one of {', '.join(STORAGE_DTYPES)}", field="--dtype")
     if queries.embeddings.shape[1] != corpus.embeddings.shape[1] and not allow_different_dims:
@@ -199,18 +198,21 @@ def write_dataset(out: str, corpus: EmbeddingSource, queries: EmbeddingSource, q
         manifest["query_targets"] = {"dim": corpus_dim, "source": query_targets}
     if pairs is not None:
         manifest["paired"] = {"count": int(pairs[0].shape[0]), "source": paired_source, "target": paired_target}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_array(tmp, "corpus/embeddings", corpus.embeddings, manifest["corpus"]["dtype"])
-        write_array(tmp, "queries/embeddings", queries.embeddings, manifest["queries"]["dtype"])
-        (tmp / "corpus_ids.txt").write_text("\n".join(corpus.ids) + "\n", encoding="utf-8")
-        (tmp / "query_ids.txt").write_text("\n".join(queries.ids) + "\n", encoding="utf-8")
-        for split, qrels in splits.items():
-            write_qrels(tmp, split, qrels)
+    hasher = hashlib.sha256()
+    with storage_errors(f"the dataset {out}"), atomic_directory(out, overwrite=overwrite) as tmp:
+        write_array(tmp, "corpus/embeddings", corpus.embeddings, manifest["corpus"]["dtype"], hasher)
+        write_array(tmp, "queries/embeddings", queries.embeddings, manifest["queries"]["dtype"], hasher)
+        write_ids(tmp, "corpus_ids.txt", corpus.ids, hasher)
+        write_ids(tmp, "query_ids.txt", queries.ids, hasher)
+        for split, qrels in sorted(splits.items()):
+            hasher.update(f"split {split}|".encode())
+            write_qrels(tmp, split, qrels, hasher)
         if targets is not None:
-            write_array(tmp, "queries/targets", targets, "float32")
+            write_array(tmp, "queries/targets", targets, "float32", hasher)
         if pairs is not None:
-            write_array(tmp, "paired/source", pairs[0], "float32")
-            write_array(tmp, "paired/target", pairs[1], "float32")
+            write_array(tmp, "paired/source", pairs[0], "float32", hasher)
+            write_array(tmp, "paired/target", pairs[1], "float32", hasher)
+        manifest["fingerprint"] = hasher.hexdigest()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -248,7 +250,7 @@ def ingest_arrays(corpus: str, corpus_ids: str, queries: str, query_ids: str, qr
 def ingest_beir_text(beir_dir: str, out: str, encoder: str, query_prompt: str = "", document_prompt: str = "",
                      batch_size: int = 64, qrels: list[str] | None = None, **options) -> dict:
     """Encodes a BEIR directory (corpus.jsonl, queries.jsonl, qrels/*.tsv) and ingests the embeddings."""
-    from esep_jax.data import text_encoder
+    from esep_jax.data import beir, encoders
 
     root = Path(beir_dir)
     corpus_file = _first_existing(root, ("corpus.jsonl", "corpus.jsonl.gz"))
@@ -257,23 +259,16 @@ def ingest_beir_text(beir_dir: str, out: str, encoder: str, query_prompt: str = 
         p.stem: str(p) for p in sorted((root / "qrels").glob("*.tsv"))}
     if not qrels_files:
         raise InputError("no qrels/*.tsv found (or pass --qrels SPLIT=PATH)", file=str(root))
+    doc_ids, doc_texts, docs_cut = beir.read_beir_corpus(corpus_file)
+    query_ids, query_texts, queries_cut = beir.read_beir_queries(queries_file)
     try:
-        doc_ids, doc_texts = text_encoder.read_beir_corpus(corpus_file)
-        query_ids, query_texts = text_encoder.read_beir_queries(queries_file)
-    except (ValueError, OSError) as error:  # the reader's message already names the file and line
-        raise InputError(str(error)) from None
-    _check_unique(doc_ids, corpus_file)
-    _check_unique(query_ids, queries_file)
-    try:
-        text_encoder.resolve_encoder_path(encoder)
+        encoders.resolve_encoder_path(encoder)
     except ValueError as error:
         raise InputError(str(error), field="--encoder") from None
-    except text_encoder.EncoderNotInstalledError as error:
+    except encoders.EncoderNotInstalledError as error:
         raise InputError(str(error)) from None
-    documents = text_encoder.encode_texts(doc_texts, encoder=encoder, prompt=document_prompt,
-                                          batch_size=batch_size)
-    query_vectors = text_encoder.encode_texts(query_texts, encoder=encoder, prompt=query_prompt,
-                                              batch_size=batch_size)
+    documents = encoders.encode_texts(doc_texts, encoder=encoder, prompt=document_prompt, batch_size=batch_size)
+    query_vectors = encoders.encode_texts(query_texts, encoder=encoder, prompt=query_prompt, batch_size=batch_size)
     return write_dataset(out, EmbeddingSource(documents, doc_ids, corpus_file),
                          EmbeddingSource(query_vectors, query_ids, queries_file), qrels_files,
                          encoder=encoder, query_prompt=query_prompt, document_prompt=document_prompt, **options)
@@ -284,11 +279,3 @@ def _first_existing(root: Path, names: tuple[str, ...]) -> str:
         if (root / name).is_file():
             return str(root / name)
     raise InputError(f"none of {', '.join(names)} found", file=str(root))
-
-
-def _check_unique(ids: list[str], name: str) -> None:
-    seen: set[str] = set()
-    for line_number, identifier in enumerate(ids, start=1):
-        if identifier in seen:
-            raise InputError(f"duplicate _id {identifier!r}", file=name, line=line_number, field="_id")
-        seen.add(identifier)

@@ -13,7 +13,7 @@ Heads (`manifest["head"]["kind"]`); a trained ensemble of members f_m is served 
 - `linear`: `f(q) = q @ W + b` with `W [d_in, d_out]`, `b [d_out]` (b optional). `linear` and `lowrank` heads
   and any weighted combination of their members fold to this exactly (`W = eye(d_in, d_out) + Σ_m w_m D_m`).
 - `mlp`: `f(q) = E q + Σ_m w_m (gelu(q @ hidden.kernel[m] + hidden.bias[m]) @ out.kernel[m] + out.bias[m])` with
-  `member_weights [M]`, where E truncates or zero-pads q to `d_out` (`esep_jax.models.heads.base_projection`)
+  `member_weights [M]`, where E truncates or zero-pads q to `d_out` (`esep_jax.heads.base.base_projection`)
   and gelu is the tanh approximation (flax's `nn.gelu` default). Every tensor has the leading member axis M.
 
 This module imports numpy only: the JAX-free serving path (`esep_jax.serving`) shares it with the exporter.

@@ -1,0 +1,75 @@
+"""`esep-jax eval | drift`: read-only reports on datasets and trained runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from esep_jax.cli.common import int_list
+from esep_jax.errors import InputError
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="exact retrieval metrics (trec_eval conventions), base and trained head side by side")
+    parser.add_argument("--data", required=True, help="dataset directory")
+    parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
+    parser.add_argument("--workdir", default=None, help="a training run; evaluates its best head")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write all metrics as JSON")
+    parser.add_argument("--run", dest="run_file", default=None, metavar="PATH", help="write the TREC run file")
+    parser.add_argument("--dims", type=int_list, default=None, metavar="K,K,...",
+                        help="also evaluate against the index truncated to these prefix sizes (default: a "
+                             "Matryoshka run's loss.matryoshka_dims)")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from esep_jax.evaluation.report import evaluate_split, format_table, write_json
+
+    result = evaluate_split(args.data, args.split, workdir=args.workdir, run_path=args.run_file,
+                            prefix_dims=args.dims)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def _add_drift(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "drift", help="query drift: retention of closed-form maps and trained heads (B's queries, A's index)",
+        description="On a drift dataset (A's corpus, B's queries; optionally A's query embeddings via "
+                    "--query-targets at ingest), fit the closed-form maps (mean shift, Procrustes, ridge) and "
+                    "report nDCG@10 and retention = metric / B native for them and for trained runs.")
+    parser.add_argument("--data", required=True, help="drift dataset directory")
+    parser.add_argument("--split", default="test", help="split to report (default: test)")
+    parser.add_argument("--corpus-b", default=None, metavar="NPY",
+                        help="B's corpus embeddings in the dataset's corpus row order (for B native and retention)")
+    parser.add_argument("--workdir", action="append", default=[], metavar="RUN",
+                        help="a trained run to add to the report (repeatable)")
+    parser.add_argument("--train", default="train", help="split the closed-form maps are fitted on")
+    parser.add_argument("--dev", default="dev", help="split the ridge alpha is chosen on")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    parser.set_defaults(handler=_run_drift)
+
+
+def _run_drift(args) -> int:
+    import json
+
+    from esep_jax.evaluation import drift
+    from esep_jax.atomic import atomic_write_text
+
+    try:
+        rows = drift.run(args.data, args.split, corpus_b=args.corpus_b, workdirs=args.workdir, train=args.train,
+                         dev=args.dev, log=lambda message: print(message, file=sys.stderr))
+    except (ValueError, OSError, EOFError) as error:  # B's corpus: missing, not an array, or the wrong shape
+        raise InputError(str(error), file=args.corpus_b) from None
+    print(drift.markdown_table(rows))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Adds this module's subcommands."""
+    _add_eval(subparsers)
+    _add_drift(subparsers)

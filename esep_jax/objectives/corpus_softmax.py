@@ -1,0 +1,199 @@
+"""The exact full-corpus softmax at scale: blockwise, sharded over devices, one pass over the corpus.
+
+For query vectors `u` (the head's output), corpus rows `c_j`, temperature τ, a per-document logit bias `b_j`
+and a normalised multi-positive target `w`, the per-query loss is
+
+    loss_i = LSE_j(s_ij) − Σ_p w_ip s_ip (+ z · LSE_j(s_ij)²),     s_ij = <u_i, c_j> / τ + b_j.
+
+The bias is −inf for documents the softmax does not contrast against (padding, `loss.negatives=judged`) and
+otherwise a training-time logit adjustment (`objectives/full_corpus.py`); it is a constant, so the gradient
+below does not change.
+
+The corpus is frozen, so the only gradient needed is the one to `u`:
+
+    ∂loss_i/∂u_i = ((1 + 2z·LSE_i) Σ_j p_ij c_j − Σ_p w_ip c_p) / τ,
+
+a softmax-weighted sum of corpus rows. Like flash attention with V = the corpus, one scan over corpus chunks keeps
+a running max, a running normaliser and the running weighted sum of rows, so the forward pass already holds the
+gradient and the custom VJP needs no second pass. Memory is O(B·chunk + N·d); no `[B, N]` matrix exists.
+
+Sharding: on a mesh with axes (data, corpus), queries are split over `data` and corpus rows over `corpus`. Each
+device scans its own rows; the partial (max, normaliser, weighted sum) triples are combined across `corpus`
+with pmax/psum, which is exact. The backward pass is elementwise on data-sharded arrays (no collectives), and
+gradients of replicated head parameters are reduced over `data` by the surrounding `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from esep_jax.objectives.targets import target_distribution
+
+DATA, CORPUS = "data", "corpus"
+
+
+def make_data_corpus_mesh(corpus_shards: int = 1, devices=None) -> Mesh:
+    """A (data, corpus) mesh over all devices: `corpus_shards` along `corpus`, the rest along `data`."""
+    devices = jax.devices() if devices is None else devices
+    if len(devices) % corpus_shards:
+        raise ValueError(f"{len(devices)} devices cannot be split into {corpus_shards} corpus shards")
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((len(devices) // corpus_shards, corpus_shards), (DATA, CORPUS), axis_types=(auto, auto),
+                         devices=devices)
+
+
+class ShardedCorpus:
+    """A corpus placed on a (data, corpus) mesh: rows padded to the mesh and chunk, split over `corpus`.
+
+    `logit_bias` `[N]` is added to every query's logit of each document: −inf excludes a document from the
+    softmax (padding rows always are), a finite value adjusts it. `mask` is the boolean shorthand (False = −inf).
+    """
+
+    def __init__(self, embeddings, mesh: Mesh, chunk: int = 8192, dtype=jnp.float32,
+                 mask: np.ndarray | None = None, logit_bias: np.ndarray | None = None):
+        """`embeddings`: anything sliceable by rows into numpy (an array, a memory map, a tensorstore)."""
+        num_documents, self.dim = embeddings.shape
+        shards = mesh.shape[CORPUS]
+        per_shard = -(-num_documents // shards)
+        self.chunk = int(min(chunk, per_shard))
+        per_shard = -(-per_shard // self.chunk) * self.chunk
+        padded_rows = per_shard * shards
+        self.num_documents, self.mesh = num_documents, mesh
+        full_bias = np.full(padded_rows, -np.inf, np.float32)
+        full_bias[:num_documents] = 0.0 if logit_bias is None else logit_bias
+        if mask is not None:
+            full_bias[:num_documents] = np.where(mask, full_bias[:num_documents], -np.inf)
+        storage = np.dtype(dtype)
+
+        def rows(index) -> np.ndarray:
+            # Each device's block is read on its own, so the host never holds a padded copy of the corpus
+            # (and a process of a multi-host job reads only the rows of its own devices).
+            start, stop, _ = index[0].indices(padded_rows)
+            block = np.zeros((stop - start, self.dim), storage)
+            real_stop = min(stop, num_documents)
+            if start < real_stop:
+                values = embeddings[start:real_stop]
+                values = values.read().result() if hasattr(values, "read") else values
+                block[:real_stop - start] = np.asarray(values).astype(storage)
+            return block
+
+        sharding = NamedSharding(mesh, P(CORPUS))
+        self.embeddings = jax.make_array_from_callback((padded_rows, self.dim), sharding, rows)
+        self.logit_bias = jax.make_array_from_callback((padded_rows,), sharding, lambda index: full_bias[index])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.embeddings.size * self.embeddings.dtype.itemsize)
+
+
+def _scan_local_corpus(queries, corpus, bias, chunk):
+    """One device: (running max [B], normaliser [B], weighted row sum [B, d]) over its corpus rows."""
+    chunk = min(chunk, corpus.shape[0])  # ShardedCorpus pads the rows to a multiple of this
+    num_chunks = corpus.shape[0] // chunk
+    blocks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
+    block_biases = bias.reshape(num_chunks, chunk)
+    matmul_dtype = corpus.dtype
+
+    def body(carry, block_and_bias):
+        running_max, normaliser, weighted_sum = carry
+        block, block_bias = block_and_bias
+        scores = jnp.einsum("bd,nd->bn", queries.astype(matmul_dtype), block,
+                            preferred_element_type=jnp.float32) + block_bias[None, :]
+        new_max = jnp.maximum(running_max, scores.max(axis=1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # a chunk with no real rows yet
+        rescale = jnp.exp(running_max - safe_max)
+        probabilities = jnp.exp(scores - safe_max[:, None])
+        normaliser = normaliser * rescale + probabilities.sum(axis=1)
+        weighted_sum = weighted_sum * rescale[:, None] + jnp.einsum(
+            "bn,nd->bd", probabilities.astype(matmul_dtype), block, preferred_element_type=jnp.float32)
+        return (new_max, normaliser, weighted_sum), None
+
+    batch = queries.shape[0]
+    init = (jnp.full((batch,), -jnp.inf, jnp.float32), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, corpus.shape[1]), jnp.float32))
+    # Inside shard_map the carry differs per device (it depends on both the queries and the corpus shard).
+    init = jax.lax.pcast(init, (DATA, CORPUS), to="varying")
+    (running_max, normaliser, weighted_sum), _ = jax.lax.scan(body, init, (blocks, block_biases))
+    return running_max, normaliser, weighted_sum
+
+
+def _local_positive_sums(corpus, bias, targets, positive_ids):
+    """(Σ_p w_ip c_p `[B, d]`, Σ_p w_ip b_p `[B]`) over the positives that live in this device's corpus rows."""
+    rows_per_shard = corpus.shape[0]
+    local_ids = positive_ids - jax.lax.axis_index(CORPUS) * rows_per_shard
+    here = (local_ids >= 0) & (local_ids < rows_per_shard) & (positive_ids >= 0)
+    safe_ids = jnp.clip(local_ids, 0, rows_per_shard - 1)
+    weights = jnp.where(here, targets, 0.0)
+    rows = corpus[safe_ids].astype(jnp.float32)  # [B, P, d]
+    # `where`, not a product: a padding slot may point at a −inf (excluded) row.
+    bias_sum = jnp.where(weights > 0, weights * bias[safe_ids], 0.0).sum(axis=1)
+    return jnp.einsum("bp,bpd->bd", weights, rows), bias_sum
+
+
+def _forward_shard(queries, corpus, bias, positive_ids, targets, *, temperature, z_loss, chunk):
+    """Per-device forward: the per-query loss and its gradient with respect to the (unscaled) queries.
+
+    `queries` may carry a leading member axis `[E, b, d]` (an ensemble sharing the batch's positives); the
+    members are folded into the rows of one scan, so the corpus is read once for all of them.
+    """
+    if queries.ndim == 3:
+        members, rows = queries.shape[0], queries.shape[1]
+        loss, gradient = _forward_shard(
+            queries.reshape(members * rows, -1), corpus, bias, jnp.tile(positive_ids, (members, 1)),
+            jnp.tile(targets, (members, 1)), temperature=temperature, z_loss=z_loss, chunk=chunk)
+        return loss.reshape(members, rows), gradient.reshape(queries.shape)
+    scaled = queries.astype(jnp.float32) / temperature
+    local_max, local_normaliser, local_sum = _scan_local_corpus(scaled, corpus, bias, chunk)
+    global_max = jax.lax.pmax(local_max, CORPUS)
+    rescale = jnp.exp(local_max - global_max)
+    normaliser = jax.lax.psum(local_normaliser * rescale, CORPUS)
+    expected_row = jax.lax.psum(local_sum * rescale[:, None], CORPUS) / normaliser[:, None]
+    positive_row, positive_bias = jax.lax.psum(_local_positive_sums(corpus, bias, targets, positive_ids), CORPUS)
+    log_normaliser = global_max + jnp.log(normaliser)
+    positive_score = jnp.einsum("bd,bd->b", scaled, positive_row) + positive_bias
+    loss = log_normaliser - positive_score + z_loss * jnp.square(log_normaliser)
+    gradient = ((1.0 + 2.0 * z_loss * log_normaliser)[:, None] * expected_row - positive_row) / temperature
+    return loss, gradient
+
+
+def make_corpus_softmax_loss(mesh: Mesh, *, temperature: float, z_loss: float = 0.0, chunk: int = 8192):
+    """Builds `loss(query_vectors [(E,) B, d], corpus: ShardedCorpus arrays, positive_ids, positive_weights)`,
+    returning per-query losses `[(E,) B]`.
+
+    Returns per-query losses equal to `losses.full_corpus_softmax_loss` (plus the optional z-loss), with a
+    custom VJP that reuses the gradient computed in the forward pass. Queries must be sharded (or shardable)
+    over the mesh's `data` axis; the corpus arrays come from `ShardedCorpus`.
+    """
+    forward_shard = functools.partial(_forward_shard, temperature=temperature, z_loss=z_loss, chunk=chunk)
+
+    def sharded_forward(query_vectors, corpus, bias, positive_ids, targets):
+        # Queries [B, d], or [E, B, d] for an ensemble: the batch axis is the one split over `data`.
+        spec = P(DATA) if query_vectors.ndim == 2 else P(None, DATA)
+        return jax.shard_map(forward_shard, mesh=mesh, in_specs=(spec, P(CORPUS), P(CORPUS), P(DATA), P(DATA)),
+                             out_specs=(spec, spec))(query_vectors, corpus, bias, positive_ids, targets)
+
+    @jax.custom_vjp
+    def loss(query_vectors, corpus, bias, positive_ids, targets):
+        return sharded_forward(query_vectors, corpus, bias, positive_ids, targets)[0]
+
+    def loss_forward(query_vectors, corpus, bias, positive_ids, targets):
+        per_query, gradient = sharded_forward(query_vectors, corpus, bias, positive_ids, targets)
+        return per_query, gradient
+
+    def loss_backward(gradient, cotangent):
+        # The corpus, bias, ids and targets are data, not parameters: no cotangent flows to them.
+        return (cotangent[..., None] * gradient, None, None, None, None)
+
+    loss.defvjp(loss_forward, loss_backward)
+
+    def per_query_loss(query_vectors, corpus: ShardedCorpus | tuple, positive_ids, positive_weights):
+        embeddings, bias = (corpus.embeddings, corpus.logit_bias) if isinstance(corpus, ShardedCorpus) else corpus
+        targets = target_distribution(positive_ids, positive_weights)
+        return loss(query_vectors, embeddings, bias, positive_ids, targets)
+
+    return per_query_loss

@@ -1,0 +1,1 @@
+"""Training: the checked plan, the pure step, the loop with dev selection, checkpoints, sweeps."""

@@ -1,0 +1,71 @@
+"""Model selection on dev: scoring every member at an evaluation, and the record each member keeps.
+
+The record (best parameters, best score and step, evaluations since the best, stopped) lives in the train
+state and is updated by the pure `record_evaluation`, so a resumed run continues it bit for bit. The identity
+head is scored before the first step, so a member's selected head is never worse on dev than the base.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esep_jax.config import Config
+from esep_jax.data.dataset import Dataset, Qrels
+from esep_jax.evaluation.evaluator import SplitEvaluator
+from esep_jax.evaluation.retrieval import ExactIndex
+from esep_jax.objectives.matryoshka import truncated_index_rows
+from esep_jax.runs.state import TrainState
+
+
+class DevSelection:
+    """Scores members' query vectors on the dev queries; a Matryoshka run is scored on the mean over its
+    prefixes and the full dimension."""
+
+    def __init__(self, config: Config, dataset: Dataset, dev_qrels: Qrels, corpus: np.ndarray, dtype):
+        ec = config.eval
+        self.metric = config.train.select_metric
+        self.evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(corpus, ec.corpus_chunk, dtype), top_k=ec.top_k,
+                                        query_chunk=ec.query_chunk, relevance_level=ec.relevance_level)
+        self.prefixes = [(k, SplitEvaluator(dataset, dev_qrels, ExactIndex(truncated_index_rows(corpus, k),
+                                                                           ec.corpus_chunk, dtype),
+                                            top_k=ec.top_k, query_chunk=ec.query_chunk,
+                                            relevance_level=ec.relevance_level))
+                         for k in sorted(set(config.loss.matryoshka_dims))]
+
+    @property
+    def queries(self) -> np.ndarray:
+        return self.evaluator.queries
+
+    def base_metrics(self) -> dict:
+        return self.evaluator.rank().metrics
+
+    def score(self, vectors: np.ndarray) -> tuple[float, dict]:
+        """(selection score, metrics to log) of one member's dev query vectors."""
+        metrics = self.evaluator.rank_vectors(vectors).metrics
+        score = metrics[self.metric]
+        if self.prefixes:
+            by_prefix = {str(k): e.rank_vectors(vectors[:, :k]).metrics[self.metric] for k, e in self.prefixes}
+            metrics = {**metrics, "prefix_" + self.metric: by_prefix}
+            score = float(np.mean([score, *by_prefix.values()]))
+        return float(score), metrics
+
+
+def record_evaluation(state: TrainState, score: jax.Array, step: jax.Array, patience: int) -> TrainState:
+    """The early-stopping update for dev scores `[E]`, as a pure function (jit it with the state's shardings).
+
+    Scores are compared in float32, the precision the record is kept in, so a tie never counts as an
+    improvement; the first evaluation (best_score = -inf) always does.
+    """
+    improved = score > state.best_score  # [E]: members keep separate records
+    stale = jnp.where(improved, 0, state.evals_since_best + 1)
+
+    def keep_best(best, now):
+        return jnp.where(improved.reshape((-1,) + (1,) * (now.ndim - 1)), now, best)
+
+    return state.replace(
+        best_params=jax.tree.map(keep_best, state.best_params, state.params),
+        best_score=jnp.where(improved, score, state.best_score),
+        best_step=jnp.where(improved, step, state.best_step),
+        evals_since_best=stale, stopped=state.stopped | (stale >= patience))

@@ -1,0 +1,288 @@
+"""`train_and_evaluate(config, data, workdir)`: plan, set up, loop, finish.
+
+The loop only orchestrates: batches come from the step-addressed loader, the step is the jitted pure function
+from `step.py`, and every `eval_every` steps every member is evaluated exactly on dev (`early_stopping.py`).
+The best dev parameters live in the train state (the untrained head is the first candidate, so the selected
+head is never worse on dev than the base embeddings), and every checkpoint holds them. A rerun in the same
+workdir resumes from the newest valid checkpoint and ends bit-identical to an uninterrupted run, whatever
+moment the previous one was killed at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from esep_jax.atomic import atomic_write_text
+from esep_jax.errors import TrainingError, storage_errors
+from esep_jax.heads import apply_members
+from esep_jax.heads.ensemble import combine, greedy_selection
+from esep_jax.objectives import CORPUS, PAIRED
+from esep_jax.objectives.corpus_softmax import DATA, ShardedCorpus
+from esep_jax.objectives.matryoshka import prefix_corpus
+from esep_jax.runs.layout import ENSEMBLE_FILE, METRICS_FILE, SUMMARY_FILE
+from esep_jax.runs.state import TrainState, run_components
+from esep_jax.data.loader import TrainBatches
+from esep_jax.data.signals import SignalSources, build_signals
+from esep_jax.training import faults
+from esep_jax.training.checkpointer import Checkpointer
+from esep_jax.training.early_stopping import DevSelection, record_evaluation
+from esep_jax.training.initialisers import fit_initial_map, initialise_params
+from esep_jax.training.metrics_log import MetricsLog
+from esep_jax.training.plan import TrainingPlan, plan_training
+from esep_jax.training.step import make_train_step
+from esep_jax.training.workdir import prepare_workdir, workdir_lock
+
+
+def train_and_evaluate(config, data: str, workdir: str | Path, progress: bool = True,
+                       stop_at_step: int | None = None) -> dict:
+    """Trains a head on `data` in `workdir` and returns the run's summary.
+
+    Everything is checked (`plan.py`) before the workdir is touched. `stop_at_step` ends this invocation early
+    (with a checkpoint) without changing the run: for jobs cut into time slices; rerunning continues.
+    """
+    plan = plan_training(config, data)
+    workdir = Path(workdir)
+    if jax.process_index() != 0:  # one lock per workdir; process 0 speaks for a multi-host job
+        return _train(plan, workdir, progress, stop_at_step)
+    with workdir_lock(workdir):
+        return _train(plan, workdir, progress, stop_at_step)
+
+
+@dataclasses.dataclass
+class _Session:
+    """What a run holds while it trains."""
+
+    plan: TrainingPlan
+    workdir: Path
+    train_step: Callable
+    record: Callable
+    member_vectors: Callable
+    tables: dict[str, Any]
+    dev: DevSelection
+    batches: TrainBatches
+    checkpointer: Checkpointer
+    log: MetricsLog
+    state: TrainState
+    start: int
+    base_dev: dict
+
+
+def _train(plan: TrainingPlan, workdir: Path, progress: bool, stop_at_step: int | None) -> dict:
+    prepare_workdir(workdir, plan.config, plan.dataset)
+    session = _set_up(plan, workdir)
+    try:
+        step, stopped, interrupted = _loop(session, progress, stop_at_step)
+    finally:
+        session.checkpointer.close()
+        session.log.close()
+    return _finish(session, step, stopped, interrupted)
+
+
+def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
+    """Places the corpus and tables, builds the step, restores or creates the state (with its step-0 record)."""
+    config, dataset, mesh = plan.config, plan.dataset, plan.mesh
+    tc = config.train
+    replicated, corpus_dtype = NamedSharding(mesh, P()), (jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32)
+    host_corpus = dataset.read_corpus()  # read once: the train step's sharded copy, signals and the dev index
+    contrasted = _contrasted_documents(config, dataset, plan.train_qrels)
+    dims = config.loss.matryoshka_dims
+    scored_corpus = prefix_corpus(host_corpus, dims) if dims else host_corpus
+    tables: dict[str, Any] = {}
+    if CORPUS in plan.tables:
+        corpus = ShardedCorpus(scored_corpus, mesh, tc.corpus_chunk, corpus_dtype, mask=contrasted)
+        tables[CORPUS] = (corpus.embeddings, corpus.logit_bias)
+    if PAIRED in plan.tables:
+        tables[PAIRED] = _paired_tables(config, dataset, replicated)
+    signals = build_signals(plan.signals, SignalSources(config, dataset, host_corpus, scored_corpus, contrasted,
+                                                        jax.process_count()))
+    batches = TrainBatches(dataset, plan.train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
+                           seed=tc.seed, grade_weighting=config.loss.grade_weighting,
+                           relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
+                           shard_index=jax.process_index(), shard_count=jax.process_count(), signals=signals)
+    head, optimizer, schedule, fresh_state = run_components(config, dataset.query_dim, dataset.corpus_dim)
+    train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, plan.terms), donate_argnums=(0,))
+    state = jax.device_put(fresh_state(), replicated)
+    # Jitted with the state's own shardings, so the record stays a global array on every process.
+    record = jax.jit(functools.partial(record_evaluation, patience=tc.patience), donate_argnums=(0,),
+                     out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
+    dev = DevSelection(config, dataset, plan.dev_qrels, host_corpus, corpus_dtype)
+    checkpointer = Checkpointer(workdir, tc.keep_checkpoints)
+    start, restored = checkpointer.resume(jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=leaf.sharding), state))
+    log = MetricsLog(workdir / METRICS_FILE, resume_step=int(start or 0), enabled=jax.process_index() == 0)
+    session = _Session(plan=plan, workdir=workdir, train_step=train_step, record=record,
+                       member_vectors=jax.jit(lambda params, queries: apply_members(head, params, queries)),
+                       tables=tables, dev=dev, batches=batches, checkpointer=checkpointer, log=log,
+                       state=state if restored is None else restored, start=int(start or 0),
+                       base_dev=dev.base_metrics())
+    if restored is None:  # a fresh run: its starting head is the first candidate (a resumed one has it recorded)
+        if config.model.init != "identity":
+            session.state = _closed_form_start(session, host_corpus)
+        session.state = _evaluate(session, session.state, 0)
+        _save(session, 0)
+    return session
+
+
+def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[int, bool, bool]:
+    """Trains from the session's start; returns (last step, stopped early, interrupted)."""
+    tc = session.plan.config.train
+    batch_sharding = NamedSharding(session.plan.mesh, P(DATA))
+    # Early stopping is decided on the host at evaluations; mirroring it here keeps the hot loop sync-free.
+    stopped = bool(np.all(session.state.stopped))
+    step, interrupted, sums, count = session.start, False, None, 0
+    shown: dict[str, str] = {}
+    bar = tqdm(total=tc.num_steps, initial=session.start, desc="train", unit="step", disable=not progress,
+               leave=False)
+    with _StopRequest() as stop:
+        for step_index, local_batch in session.batches.iterate(session.start, session.start if stopped
+                                                                else tc.num_steps):
+            batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
+                     for name, values in local_batch.items()}
+            session.state, metrics = session.train_step(session.state, batch, session.tables)
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            count += 1
+            step = step_index + 1
+            bar.update(1)
+            halt = stop.requested or step == stop_at_step or step == tc.num_steps
+            eval_due = step % tc.eval_every == 0 or step == tc.num_steps
+            save_due = eval_due or halt or step % tc.checkpoint_every == 0
+            # Metrics are fetched only at log steps — and before every save, so no checkpoint holds NaNs.
+            if step % tc.log_every == 0 or save_due:
+                means = _check_and_log(session, step, sums, count)
+                shown["loss"] = f"{means['loss']:.4f}"
+                sums, count = None, 0
+            if eval_due:
+                session.state = _evaluate(session, session.state, step)
+                stopped = bool(np.all(session.state.stopped))
+                shown["best"] = f"{float(np.max(session.state.best_score)):.4f}"
+            bar.set_postfix(shown, refresh=False)
+            if save_due or stopped:
+                _save(session, step)
+            if halt or stopped:
+                interrupted = not stopped and step < tc.num_steps
+                break
+    bar.close()
+    return step, stopped, interrupted
+
+
+def _check_and_log(session: _Session, step: int, sums: dict, count: int) -> dict:
+    """Means of the metrics since the last log step; a non-finite loss or parameter stops training."""
+    per_member = {name: np.asarray(value) for name, value in sums.items()}
+    nonfinite_params = per_member.pop("nonfinite_params").sum()
+    per_member = {name: value / count for name, value in per_member.items()}
+    if not (np.isfinite(per_member["loss"]).all() and nonfinite_params == 0):
+        what = "loss" if not np.isfinite(per_member["loss"]).all() else "parameters"
+        raise TrainingError(f"non-finite {what} between steps {step - count + 1} and {step}; the last good "
+                            f"checkpoint is kept in {session.workdir}")
+    means = {name: float(value.mean()) for name, value in per_member.items()}
+    if len(per_member["loss"]) > 1:
+        means["member_loss"] = per_member["loss"].tolist()
+    session.log.write(step, "train", means)
+    return means
+
+
+def _evaluate(session: _Session, state: TrainState, step: int) -> TrainState:
+    """Scores every member on dev (one log line each) and updates their records."""
+    vectors = np.asarray(session.member_vectors(state.params, session.dev.queries))
+    scores = []
+    for member, member_vectors in enumerate(vectors):
+        score, metrics = session.dev.score(member_vectors)
+        session.log.write(step, "dev", metrics if len(vectors) == 1 else {"member": member, **metrics})
+        scores.append(score)
+    return session.record(state, np.asarray(scores, np.float32), np.int32(step))
+
+
+def _save(session: _Session, step: int) -> None:
+    session.log.sync()  # the lines of this step are durable before the checkpoint that follows them
+    session.checkpointer.save(step, session.state)
+    faults.after_checkpoint(step, session.checkpointer)
+
+
+def _finish(session: _Session, step: int, stopped: bool, interrupted: bool) -> dict:
+    """Combines the members on dev and, unless interrupted, writes `ensemble.json` then `summary.json`."""
+    config, dev, state = session.plan.config, session.dev, session.state
+    best_vectors = np.asarray(session.member_vectors(state.best_params, dev.queries))
+    member_dev = [dev.evaluator.rank_vectors(v).metrics for v in best_vectors]
+    if config.ensemble.combine == "greedy" and len(best_vectors) > 1:
+        weights, _ = greedy_selection(best_vectors, lambda v: dev.score(v)[0])
+    else:
+        weights = np.full(len(best_vectors), 1.0 / len(best_vectors))
+    best_dev = dev.evaluator.rank_vectors(combine(best_vectors, weights.astype(np.float32))).metrics
+    best_steps = np.asarray(state.best_step).tolist()
+    summary = {
+        "dev_split": session.plan.dev_name, "steps": step,
+        "best_step": best_steps[0] if len(best_steps) == 1 else best_steps, "stopped_early": stopped,
+        "interrupted": interrupted, "base_dev": session.base_dev, "best_dev": best_dev, "members": len(best_steps),
+        "weights": weights.tolist(),
+        "member_dev": [{name: m[name] for name in ("ndcg@10", "mrr@10", "recall@100")} for m in member_dev],
+    }
+    if jax.process_index() == 0 and not interrupted:
+        with storage_errors(f"the run's results in {session.workdir}"):
+            atomic_write_text(session.workdir / ENSEMBLE_FILE, json.dumps({"weights": weights.tolist()}) + "\n")
+            faults.before_summary()
+            atomic_write_text(session.workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _closed_form_start(session: _Session, corpus: np.ndarray) -> TrainState:
+    """The state with every member's head (and best-so-far head) set to the fitted closed-form map."""
+    plan, state = session.plan, session.state
+    transform = fit_initial_map(plan.config, plan.dataset, plan.train_qrels, corpus, session.dev.evaluator)
+    params = initialise_params(jax.device_get(state.params), transform, plan.config.model.use_bias)
+    params = jax.device_put(params, jax.tree.map(lambda leaf: leaf.sharding, state.params))
+    return state.replace(params=params, best_params=jax.tree.map(jnp.copy, params))
+
+
+def _paired_tables(config, dataset, sharding: NamedSharding) -> tuple:
+    """Every paired text's (B, A) embeddings, replicated on the devices."""
+    storage = np.dtype(jnp.bfloat16 if config.train.corpus_dtype == "bfloat16" else jnp.float32)
+    tables = []
+    for side in ("source", "target"):
+        values = dataset.table(f"paired/{side}").read().result().astype(storage)
+        # From a callback, not device_put, so every process of a multi-host job places its own copy.
+        tables.append(jax.make_array_from_callback(values.shape, sharding, lambda index, v=values: v[index]))
+    return tuple(tables)
+
+
+def _contrasted_documents(config, dataset, train_qrels) -> np.ndarray:
+    """Documents the task softmax contrasts against: all, or those relevant to a training query."""
+    if config.loss.negatives == "all":
+        return np.ones(dataset.num_documents, bool)
+    mask = np.zeros(dataset.num_documents, bool)
+    mask[train_qrels.doc_rows[train_qrels.grades >= config.eval.relevance_level]] = True
+    return mask
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+

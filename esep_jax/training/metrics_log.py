@@ -1,0 +1,76 @@
+"""Metrics as JSON lines (`metrics.jsonl`), one object per logged step or evaluation.
+
+A resumed run first drops the lines of steps after its checkpoint, so the log reads as one uninterrupted run.
+A line that does not parse (torn by a crash mid-write, or damaged later) is dropped with a warning naming it;
+lines are flushed and synced before every checkpoint, so a line from before a committed checkpoint survives
+a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from esep_jax.atomic import atomic_write_text
+from esep_jax.errors import storage_errors
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics, rewound on resume."""
+
+    def __init__(self, path: Path | str, resume_step: int = 0, enabled: bool = True):
+        """`enabled=False` (every process but 0 of a multi-process job) makes writes no-ops."""
+        self.path, self.enabled = Path(path), enabled
+        self._handle = None
+        if not enabled:
+            return
+        with storage_errors(str(self.path)):
+            if self.path.exists():
+                kept = []
+                for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                    step = _step_of(line)
+                    if step is None:
+                        if line.strip():
+                            sys.stderr.write(f"esep-jax: warning: {self.path}: line {number} is damaged and was "
+                                             "dropped\n")
+                        continue
+                    if step <= resume_step:
+                        kept.append(line)
+                atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            self._handle = self.path.open("a", encoding="utf-8")
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        """Writes `{"step": step, "kind": kind, **values}`; non-finite floats become null (valid JSON)."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "kind": kind}
+        for name, value in values.items():
+            if not isinstance(value, (bool, int, str, list, dict)) and hasattr(value, "__float__"):
+                value = float(value)  # numpy / jax scalars
+            record[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+        with storage_errors(str(self.path)):
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def sync(self) -> None:
+        """Makes every line written so far durable (called before a checkpoint is saved)."""
+        if self._handle is not None:
+            with storage_errors(str(self.path)):
+                os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self.sync()
+            self._handle.close()
+            self._handle = None
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+        return int(record["step"]) if isinstance(record, dict) else None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
