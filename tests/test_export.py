@@ -154,7 +154,7 @@ def test_export_failures_leave_nothing(demo_run, tmp_path, capsys, monkeypatch):
     assert main([*base, "--data", str(tmp_path / "missing")]) == 2
     assert main(["export", "--workdir", str(tmp_path / "no-run"), "--out", str(out)]) == 2
     # A failure in the middle of writing (here: the bundle does not load back) removes the partial directory.
-    monkeypatch.setattr(Searcher, "load", classmethod(lambda cls, path: (_ for _ in ()).throw(
+    monkeypatch.setattr(Searcher, "load", classmethod(lambda cls, path, **options: (_ for _ in ()).throw(
         BundleError("simulated", file=str(path)))))
     assert main(base) == 2
     assert "simulated" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from esep_jax.cli import main
 from esep_jax.data import mixture
 from esep_jax.data.dataset import Dataset
 from esep_jax.data.mixture import MixtureSource, mix_datasets, parse_sources
-from esep_jax.errors import InputError
+from esep_jax.errors import InputError, StorageError
 
 
 def _ingest(root: Path, name: str, **options) -> str:
@@ -151,7 +151,7 @@ def test_failure_before_rename_leaves_nothing(sources, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mixture, "write_qrels", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match="disk full"):
         mix_datasets([MixtureSource("a", sources["a"]), MixtureSource("b", sources["b"])], str(tmp_path / "mix"))
     assert list(tmp_path.iterdir()) == []
 

@@ -14,7 +14,8 @@ import sys
 
 from esep_jax.cli import bench_commands, bundle_commands, data_commands, eval_commands, train_commands
 from esep_jax.cli.common import Parser
-from esep_jax.errors import EXIT_BAD_INPUT, EXIT_FAILED, InputError, StorageError, TrainingError
+from esep_jax.errors import (EXIT_BAD_INPUT, EXIT_FAILED, InputError, StorageError, TrainingError,
+                             is_storage_failure, os_reason)
 
 COMMAND_GROUPS = (data_commands, train_commands, eval_commands, bundle_commands, bench_commands)
 # The commands that accept --config.* overrides (the ones that build a config).
@@ -76,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esep-jax: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except BrokenPipeError:  # `esep-jax search … | head`: the reader left; say nothing more
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again (Python's docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (OSError, ValueError) as error:
+        # The one path for storage failures no module wrapped itself: a full disk, a quota, a lost mount.
+        if not is_storage_failure(error):
+            raise
+        print(f"esep-jax: error: could not read or write a file: {os_reason(error)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("esep-jax: interrupted", file=sys.stderr)
         return 130

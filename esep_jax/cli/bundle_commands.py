@@ -8,6 +8,8 @@ from pathlib import Path
 from esep_jax.cli.common import int_list
 from esep_jax.errors import InputError
 
+SEARCH_CHUNK = 65536  # queries searched (and held in memory) at a time
+
 
 def _add_export(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -24,6 +26,9 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--index", choices=("auto", "brute_force", "ah", "tree"), default="auto",
                         help="ScaNN index (auto: brute force < 20k docs, AH + reorder < 100k, else tree + AH)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--sign-key-file", default=None, metavar="PATH",
+                        help="sign the manifest with HMAC-SHA256 under this key (>= 16 bytes); loaders given the "
+                             "key refuse a bundle changed after export")
     parser.set_defaults(handler=_run_export)
 
 
@@ -31,7 +36,7 @@ def _run_export(args) -> int:
     from esep_jax.export.bundle import export_bundle
 
     manifest = export_bundle(args.workdir, args.out, data=args.data, target_recall=args.target_recall,
-                             overwrite=args.overwrite, strategy=args.index,
+                             overwrite=args.overwrite, strategy=args.index, key=_key(args.sign_key_file),
                              log=lambda message: print(message, file=sys.stderr, flush=True))
     index, evaluation = manifest["index"], manifest["eval"]
     print(f"wrote {args.out}: {manifest['head']['trained_as']} head, {manifest['corpus']['count']} documents, "
@@ -55,17 +60,36 @@ def _add_search(subparsers) -> None:
     source.add_argument("--text", action="append", help="a query text (repeat for several)")
     parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     parser.add_argument("--format", choices=("json", "tsv"), default="json")
+    parser.add_argument("--key-file", default=None, metavar="PATH",
+                        help="the bundle's signing key: refuse a bundle whose signature does not match")
     parser.set_defaults(handler=_run_search)
+
+
+def _key(path: str | None) -> bytes | None:
+    from esep_jax.export.format import read_key
+
+    if path is None:
+        return None
+    try:
+        return read_key(path)
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
 
 def _search_embeddings(args, manifest: dict):
     import numpy as np
 
     if args.queries:
+        # Memory-mapped: a header that declares more data than the file holds is refused here, and a large file
+        # is read a chunk at a time (by `_run_search`) rather than all at once.
         try:
-            return np.load(args.queries, allow_pickle=False)
+            queries = np.load(args.queries, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
             raise InputError(f"cannot read as .npy: {error}", file=args.queries) from None
+        if queries.ndim not in (1, 2) or queries.dtype.kind not in "fiu":
+            raise InputError(f"expected a [num_queries, dim] float array, got {queries.dtype}{list(queries.shape)}",
+                             file=args.queries)
+        return queries
     from esep_jax.data.encoders import EncoderNotInstalledError, encode_texts
 
     encoder = manifest.get("encoder", {}).get("name")
@@ -83,10 +107,17 @@ def _search_embeddings(args, manifest: dict):
 def _run_search(args) -> int:
     import json
 
+    import numpy as np
+
     from esep_jax.serving import Searcher
 
-    searcher = Searcher.load(args.bundle)
-    ids, scores = searcher.search(_search_embeddings(args, searcher.manifest), args.k)
+    searcher = Searcher.load(args.bundle, key=_key(args.key_file))
+    queries = _search_embeddings(args, searcher.manifest)
+    queries = queries[None] if queries.ndim == 1 else queries
+    parts = [searcher.search(np.asarray(queries[start:start + SEARCH_CHUNK]), args.k)
+             for start in range(0, len(queries), SEARCH_CHUNK)]
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, args.k), object)
+    scores = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, args.k), np.float32)
     names = args.text or list(range(len(ids)))
     if args.format == "tsv":
         lines = [f"{name}\t{rank}\t{doc}\t{float(score):.6g}" for name, row, row_scores in zip(names, ids, scores)

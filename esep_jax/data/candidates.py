@@ -39,6 +39,7 @@ import tensorstore as ts
 
 from esep_jax.atomic import atomic_write_text
 from esep_jax.data.dataset import MANIFEST, Dataset, kvstore_spec, write_array
+from esep_jax.data.ids import text_lines
 from esep_jax.errors import InputError
 
 CANDIDATES_DIR = "candidates"
@@ -272,10 +273,7 @@ def read_teacher_tsv(path: str, dataset: Dataset) -> Candidates:
 
     Each query's list is sorted by descending score (ties: lower corpus row first) and padded to the longest.
     """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read teacher scores: {error}", file=str(path)) from None
+    lines = text_lines(str(path), "teacher scores")
     query_index = {qid: row for row, qid in enumerate(dataset.ids("queries"))}
     doc_index = {did: row for row, did in enumerate(dataset.ids("corpus"))}
     queries, docs, scores, line_numbers = [], [], [], []

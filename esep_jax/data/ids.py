@@ -62,3 +62,16 @@ def read_ids(path: str) -> list[str]:
 def text_line_of(data: bytes, offset: int) -> int:
     """The 1-based line of byte `offset` in `data`."""
     return data.count(b"\n", 0, offset) + 1
+
+
+def text_lines(path: str, what: str) -> list[str]:
+    """A text file's lines split on `\n` alone (an id with U+2028 must not become two lines)."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as error:
+        raise InputError(f"cannot read {what}: {error.strerror or error}", file=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"not UTF-8 ({error.reason})", file=path, line=text_line_of(data, error.start)) from None
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from esep_jax.atomic import atomic_directory
-from esep_jax.data.ids import check_id, read_ids, text_line_of
+from esep_jax.data.ids import check_id, read_ids, text_lines
 from esep_jax.data.dataset import (FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, Qrels, write_array, write_ids,
                                    write_qrels)
 from esep_jax.errors import InputError, storage_errors
@@ -68,7 +68,7 @@ def is_normalised(values: np.ndarray) -> bool:
 
 def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]) -> Qrels:
     """Parses BEIR (`query-id  corpus-id  score`, optional header) or TREC (`qid 0 docid rel`) qrels."""
-    lines = _text_lines(path, "qrels")
+    lines = text_lines(path, "qrels")
     per_query: dict[int, dict[int, int]] = {}
     first_seen: dict[tuple[int, int], int] = {}
     for line_number, raw in enumerate(lines, start=1):
@@ -107,19 +107,6 @@ def read_qrels(path: str, query_index: dict[str, int], doc_index: dict[str, int]
     return Qrels.from_lists(query_rows, [(np.fromiter(per_query[q].keys(), np.int32, len(per_query[q])),
                                           np.fromiter(per_query[q].values(), np.int32, len(per_query[q])))
                                          for q in query_rows])
-
-
-def _text_lines(path: str, what: str) -> list[str]:
-    """A text file's lines split on `\n` alone (an id with U+2028 must not become two lines)."""
-    try:
-        data = open(path, "rb").read()
-    except OSError as error:
-        raise InputError(f"cannot read {what}: {error.strerror or error}", file=path) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InputError(f"not UTF-8 ({error.reason})", file=path, line=text_line_of(data, error.start)) from None
-    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
 def parse_qrels_args(specs: list[str]) -> dict[str, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -31,7 +32,7 @@ import tensorstore as ts
 
 from esep_jax.atomic import atomic_directory
 from esep_jax.data.dataset import FORMAT_VERSION, MANIFEST, Dataset, Qrels, create_array, write_qrels
-from esep_jax.errors import InputError
+from esep_jax.errors import InputError, storage_errors
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 SAMPLING_NOTE = ("the loader samples training queries uniformly, so each source's training queries are repeated "
@@ -110,8 +111,11 @@ def mix_datasets(sources: list[MixtureSource], out: str, *, name: str | None = N
                         for i, (source, dataset) in enumerate(zip(sources, datasets))],
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # The mixture's content is a function of its sources' content, names and weights.
+        "fingerprint": hashlib.sha256(json.dumps(
+            [[s.name, s.weight, d.fingerprint] for s, d in zip(sources, datasets)]).encode()).hexdigest(),
     }
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with storage_errors(f"the dataset {out}"), atomic_directory(out, overwrite=overwrite) as tmp:
         copy_rows(tmp, "corpus/embeddings", [d.corpus_table() for d in datasets], corpus_dtype)
         copy_rows(tmp, "queries/embeddings", [d.query_table() for d in datasets], query_dtype)
         for key, table in (("corpus_ids.txt", "corpus"), ("query_ids.txt", "queries")):

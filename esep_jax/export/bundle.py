@@ -106,18 +106,21 @@ def _bundle_metrics(searcher, dataset, split: str, relevance_level: int) -> dict
                                           relevance_level))
 
 
-def _write_manifest(root: Path, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=2) + "\n"
-    (root / fmt.MANIFEST).write_text(text, encoding="utf-8")
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    (root / fmt.MANIFEST_CHECKSUM).write_text(f"{digest}  {fmt.MANIFEST}\n", encoding="utf-8")
+def _write_manifest(root: Path, manifest: dict, key: bytes | None) -> None:
+    data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+    (root / fmt.MANIFEST).write_bytes(data)
+    (root / fmt.MANIFEST_CHECKSUM).write_text(f"{hashlib.sha256(data).hexdigest()}  {fmt.MANIFEST}\n", encoding="utf-8")
+    if key is not None:
+        (root / fmt.MANIFEST_SIGNATURE).write_text(fmt.manifest_signature(data, key) + "\n", encoding="utf-8")
 
 
 def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None, target_recall: float = 0.95,
-                  overwrite: bool = False, strategy: str = "auto", k: int = 10, log=print) -> dict:
+                  overwrite: bool = False, strategy: str = "auto", k: int = 10, log=print,
+                  key: bytes | None = None) -> dict:
     """Writes the serving bundle of the run in `workdir` to `out` (atomically); returns its manifest.
 
     The run is loaded once, read-only (`TrainedRun`); the corpus is read once; test queries are never read.
+    With `key`, the manifest is signed (`manifest.json.hmac`; see `esep_jax.serving.searcher`).
     """
     from safetensors import SafetensorError
 
@@ -178,7 +181,7 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
         "files": {},
     }
     try:
-        _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config)
+        _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config, key)
     except (OSError, SafetensorError, RuntimeError) as error:  # a full disk, a quota, a lost mount, ScaNN's writer
         reason = os_reason(error)
         raise BundleWriteError(f"could not write the bundle {out}: {reason} (nothing was left behind)") from None
@@ -193,7 +196,7 @@ class BundleWriteError(StorageError):
     """Writing a bundle failed part-way (a full disk, a quota); the partial directory was removed."""
 
 
-def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config) -> None:
+def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config, key) -> None:
     """Writes, loads back and measures the bundle in a temporary directory renamed into place at the end."""
     from safetensors.numpy import save_file
 
@@ -208,10 +211,10 @@ def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, sp
         searcher.serialize(str(tmp / fmt.INDEX_DIR), relative_path=True)
         (tmp / fmt.HEAD_FILE).chmod(0o644)  # safetensors writes 0600
         manifest["files"] = {name: fmt.sha256_file(tmp / name) for name in fmt.bundle_files(tmp)}
-        _write_manifest(tmp, manifest)
+        _write_manifest(tmp, manifest, key)
         # Load it back the way a server will, and measure retrieval through it.
         if split is not None:
-            served = Searcher.load(tmp)
+            served = Searcher.load(tmp, key=key)
             manifest["eval"]["bundle"] = _bundle_metrics(served, dataset, split, config.eval.relevance_level)
             manifest["eval"]["bundle_depth"] = min(BUNDLE_EVAL_DEPTH, dataset.num_documents)
-            _write_manifest(tmp, manifest)
+            _write_manifest(tmp, manifest, key)

@@ -4,6 +4,7 @@ A bundle is a directory:
 
     manifest.json            everything needed to use the bundle (see below), incl. sha256 of every other file
     manifest.json.sha256     sha256 of manifest.json in `sha256sum` format, so the manifest is covered too
+    manifest.json.hmac       optional: HMAC-SHA256 of manifest.json under the exporter's key (authenticity)
     head.safetensors         the head's tensors (float32; safetensors holds raw arrays only, never pickle)
     corpus_ids.txt           the id of each corpus row, one per line, in ScaNN's row order
     index/                   the ScaNN searcher, `searcher.serialize(dir, relative_path=True)`
@@ -22,6 +23,7 @@ This module imports numpy only: the JAX-free serving path (`esep_jax.serving`) s
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest.json.sha256"
+MANIFEST_SIGNATURE = "manifest.json.hmac"  # optional: HMAC-SHA256 of manifest.json under the exporter's key
 HEAD_FILE = "head.safetensors"
 IDS_FILE = "corpus_ids.txt"
 INDEX_DIR = "index"
@@ -101,4 +104,20 @@ def bundle_files(root: Path | str) -> list[str]:
     """Every regular file under `root` as a sorted relative POSIX path, except the manifest and its checksum."""
     root = Path(root)
     paths = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
-    return sorted(p for p in paths if p not in (MANIFEST, MANIFEST_CHECKSUM))
+    return sorted(p for p in paths if p not in (MANIFEST, MANIFEST_CHECKSUM, MANIFEST_SIGNATURE))
+
+
+def manifest_signature(manifest_bytes: bytes, key: bytes) -> str:
+    """The hex HMAC-SHA256 of the manifest's bytes under `key`."""
+    return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+
+
+def read_key(path: str) -> bytes:
+    """A signing key from a file (its bytes, surrounding whitespace stripped); at least 16 bytes."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the key: {error.strerror or error}") from None
+    if len(key) < 16:
+        raise ValueError(f"{path}: a signing key needs at least 16 bytes, got {len(key)}")
+    return key

@@ -5,9 +5,16 @@ Only numpy, scann, safetensors and the standard library are imported (directly a
 tensorstore. `tests/test_serving.py` loads and searches a bundle with those imports made to fail.
 
 Loading verifies the bundle before ScaNN reads any of it (ScaNN trusts its files; a damaged one can crash the
-process): the manifest's own checksum, that the files present are exactly those the manifest lists, each
-file's sha256, the head's tensor names and shapes, and the index's size and dimension. Every problem raises a
-`BundleError` (a `ValueError`) naming the file.
+process): the manifest's own checksum, that the files present are exactly those the manifest lists (plain files
+only: no symbolic links), that every path the manifest and the index's asset list name stays inside the bundle,
+each file's sha256, the head's tensor names and shapes, and the index's size and dimension. Every problem
+raises a `BundleError` (a `ValueError`) naming the file.
+
+Integrity, not authenticity: the checksums catch accidental damage (a bad disk, a truncated copy). Someone who
+edits a bundle on purpose can recompute them. For that, a bundle exported with a key (`esep-jax export
+--sign-key-file K`) carries `manifest.json.hmac`, an HMAC-SHA256 of the manifest under that key, and
+`Searcher.load(bundle, key=...)` refuses a bundle whose signature is missing or does not match; since the
+manifest holds every other file's sha256, the signature covers the whole bundle.
 
 Results always have k columns. When fewer than k documents come back for a query (a tree search that visits too
 few leaves; ScaNN pads such rows with row 0 and a NaN score), the query is searched again exhaustively, and
@@ -18,7 +25,9 @@ reported as a real document.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +82,35 @@ def _read_manifest(root: Path, verify: bool) -> dict:
     return manifest
 
 
+def _check_inside(root: Path, name: str, what: str) -> None:
+    """Refuses a path from the manifest (or the index's asset list) that could leave the bundle."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise BundleError(f"{what} {name!r} is not a path inside the bundle", file=str(root / fmt.MANIFEST))
+
+
+def verify_signature(root: Path, key: bytes) -> None:
+    """Checks `manifest.json.hmac` against the manifest under `key`; a BundleError if missing or wrong."""
+    path = root / fmt.MANIFEST_SIGNATURE
+    if not path.is_file():
+        raise BundleError("not found: the bundle is not signed, but a key was given", file=str(path))
+    expected = fmt.manifest_signature((root / fmt.MANIFEST).read_bytes(), key)
+    if not hmac.compare_digest(path.read_text(encoding="utf-8", errors="replace").strip(), expected):
+        raise ChecksumError("the signature does not match the manifest under this key: the bundle was changed "
+                            "after export, or signed with another key", file=str(path))
+
+
 def _verify_files(root: Path, manifest: dict, verify: bool) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise BundleError("a symbolic link: a bundle holds plain files only", file=str(path))
+    for name in manifest["files"]:
+        _check_inside(root, name, "file")
+    for field, expected in (("path", fmt.INDEX_DIR),):
+        if manifest["index"].get(field) != expected:
+            raise BundleError(f"must be {expected!r}", file=str(root / fmt.MANIFEST), field=f"index.{field}")
+    if manifest["corpus"].get("ids") != fmt.IDS_FILE:
+        raise BundleError(f"must be {fmt.IDS_FILE!r}", file=str(root / fmt.MANIFEST), field="corpus.ids")
     listed, present = set(manifest["files"]), set(fmt.bundle_files(root))
     missing, unlisted = sorted(listed - present), sorted(present - listed)
     if missing:
@@ -120,6 +157,11 @@ def _load_index(root: Path, manifest: dict):
     assets = index_dir / "scann_assets.pbtxt"
     if not assets.is_file():
         raise BundleError("not found", file=str(assets))
+    asset_text = assets.read_text(encoding="utf-8", errors="replace")
+    for asset in re.findall(r'asset_path:\s*"([^"]*)"', asset_text):
+        _check_inside(root, asset, "index asset")
+        if f"{fmt.INDEX_DIR}/{asset}" not in manifest["files"]:
+            raise BundleError(f"index asset {asset!r} is not a file the manifest lists", file=str(assets))
     dataset = index_dir / "dataset.npy"
     if dataset.is_file():  # brute force and reordering keep the float32 corpus: check its dims before ScaNN does
         shape = np.load(dataset, mmap_mode="r", allow_pickle=False).shape
@@ -129,7 +171,7 @@ def _load_index(root: Path, manifest: dict):
                               file=str(dataset))
     try:
         searcher = scann_ops_pybind.ScannSearcher(
-            scann_ops_pybind.scann_pybind.ScannNumpy(str(index_dir), assets.read_text()))
+            scann_ops_pybind.scann_pybind.ScannNumpy(str(index_dir), asset_text))
     except Exception as error:  # pybind raises RuntimeError/ValueError/...; any of them means an unusable index
         raise BundleError(f"ScaNN cannot load the index: {error}", file=str(index_dir)) from None
     if searcher.size() != manifest["corpus"]["count"]:
@@ -148,21 +190,25 @@ class Searcher:
         self._id_array = np.array(ids + [MISSING_ID], dtype=object)
 
     @classmethod
-    def load(cls, bundle: str | Path, verify_checksums: bool = True) -> "Searcher":
+    def load(cls, bundle: str | Path, verify_checksums: bool = True, key: bytes | None = None) -> "Searcher":
         """Loads and checks a bundle directory (see the module docstring); raises `BundleError` if unusable.
 
         `verify_checksums=False` skips hashing the files (faster start-up for a bundle already verified on
-        this disk); the structural checks still run.
+        this disk); the structural checks still run. With `key`, the bundle's signature must match.
         """
         root = Path(bundle)
         if not root.is_dir():
             raise BundleError("not a directory (an esep-jax bundle is one)", file=str(root))
+        if key is not None:
+            verify_signature(root, key)
         manifest = _read_manifest(root, verify_checksums)
         _verify_files(root, manifest, verify_checksums)
         tensors = _load_head(root, manifest)
         ids_path = root / fmt.IDS_FILE
         try:
-            ids = ids_path.read_text(encoding="utf-8").splitlines()
+            ids = ids_path.read_text(encoding="utf-8").split("\n")
+            if ids and ids[-1] == "":
+                ids.pop()
         except (OSError, UnicodeDecodeError) as error:
             raise BundleError(f"cannot read: {error}", file=str(ids_path)) from None
         if len(ids) != manifest["corpus"]["count"]:

@@ -10,6 +10,7 @@ moment the previous one was killed at.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -83,9 +84,15 @@ def _train(plan: TrainingPlan, workdir: Path, progress: bool, stop_at_step: int 
     session = _set_up(plan, workdir)
     try:
         step, stopped, interrupted = _loop(session, progress, stop_at_step)
-    finally:
-        session.checkpointer.close()
-        session.log.close()
+    except BaseException:
+        # Report the error that stopped training, not a second one from closing the files on a full disk.
+        with contextlib.suppress(Exception):
+            session.checkpointer.close()
+        with contextlib.suppress(Exception):
+            session.log.close()
+        raise
+    session.checkpointer.close()
+    session.log.close()
     return _finish(session, step, stopped, interrupted)
 
 
@@ -131,7 +138,17 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
             session.state = _closed_form_start(session, host_corpus)
         session.state = _evaluate(session, session.state, 0)
         _save(session, 0)
+    elif _evaluated_at(config, session.start) and log.count(session.start, "dev") < config.ensemble.members:
+        # The dev records of the resumed step were lost (a damaged last line of metrics.jsonl): the state holds
+        # that step's parameters and its record already, so the lines are rewritten and nothing is re-recorded.
+        log.drop(session.start, "dev")
+        _evaluate(session, session.state, session.start, record=False)
     return session
+
+
+def _evaluated_at(config, step: int) -> bool:
+    """Whether the loop evaluates on dev at `step` (step 0 is the starting head)."""
+    return step == 0 or step % config.train.eval_every == 0 or step == config.train.num_steps
 
 
 def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[int, bool, bool]:
@@ -155,7 +172,7 @@ def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[
             step = step_index + 1
             bar.update(1)
             halt = stop.requested or step == stop_at_step or step == tc.num_steps
-            eval_due = step % tc.eval_every == 0 or step == tc.num_steps
+            eval_due = _evaluated_at(session.plan.config, step)
             save_due = eval_due or halt or step % tc.checkpoint_every == 0
             # Metrics are fetched only at log steps — and before every save, so no checkpoint holds NaNs.
             if step % tc.log_every == 0 or save_due:
@@ -192,15 +209,15 @@ def _check_and_log(session: _Session, step: int, sums: dict, count: int) -> dict
     return means
 
 
-def _evaluate(session: _Session, state: TrainState, step: int) -> TrainState:
-    """Scores every member on dev (one log line each) and updates their records."""
+def _evaluate(session: _Session, state: TrainState, step: int, record: bool = True) -> TrainState:
+    """Scores every member on dev (one log line each) and updates their records (unless `record` is False)."""
     vectors = np.asarray(session.member_vectors(state.params, session.dev.queries))
     scores = []
     for member, member_vectors in enumerate(vectors):
         score, metrics = session.dev.score(member_vectors)
         session.log.write(step, "dev", metrics if len(vectors) == 1 else {"member": member, **metrics})
         scores.append(score)
-    return session.record(state, np.asarray(scores, np.float32), np.int32(step))
+    return session.record(state, np.asarray(scores, np.float32), np.int32(step)) if record else state
 
 
 def _save(session: _Session, step: int) -> None:

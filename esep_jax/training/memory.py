@@ -29,15 +29,34 @@ def parameter_count(head, query_dim: int) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
 
 
+def activation_count(head, query_dim: int) -> int:
+    """Numbers one query's pass through one member of `head` produces (every layer's output), from shapes."""
+    import jax.numpy as jnp
+
+    from esep_jax.heads import init_params
+
+    def forward():
+        params = init_params(head, jax.random.key(0), query_dim)
+        _, state = head.apply({"params": params}, jnp.zeros((1, query_dim), jnp.float32),
+                              capture_intermediates=True, mutable=["intermediates"])
+        return state
+    shapes = jax.eval_shape(forward)
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+
+
 def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_dim: int, num_documents: int,
              num_positives: int, dev_queries: int, corpus_on_device: bool, signals: frozenset[str]) -> dict:
     """Estimated bytes by part (device and host) and in total."""
     tc, members = config.train, config.ensemble.members
     corpus_bytes = 2 if tc.corpus_dtype == "bfloat16" else 4
     micro = tc.micro_batch_size or tc.batch_size
+    activations = activation_count(head, query_dim)
     parts = {
-        # params, Adam's two moments and the best params, each [E, ...] float32; the update holds one more copy
-        "train state": 5 * 4 * members * parameter_count(head, query_dim),
+        # params, Adam's two moments and the best params [E, ...] float32; the update's gradients, moments and
+        # parameters before donation frees the old ones; and the host copies a checkpoint save takes
+        "train state": 10 * 4 * members * parameter_count(head, query_dim),
+        # every layer's output, kept for the backward pass (and its gradient), per member and query
+        "head activations": 3 * 4 * micro * members * activations,
         "corpus on device": num_documents * scored_dim * corpus_bytes if corpus_on_device else 0,
         "evaluation index": 4 * num_documents * corpus_dim,
         # queries and positives (ids and weights), twice for the read-ahead and the device copy
@@ -45,7 +64,7 @@ def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_di
         # the scan's scores/probabilities [b·E, chunk] and its running sums [b·E, d], a few of each live at once
         "full-corpus scan": 4 * micro * members * (3 * min(tc.corpus_chunk, num_documents) + 3 * scored_dim)
         if corpus_on_device else 0,
-        "dev evaluation": 4 * dev_queries * members * corpus_dim
+        "dev evaluation": 4 * dev_queries * members * (corpus_dim + activations)
         + 4 * config.eval.query_chunk * min(config.eval.corpus_chunk, num_documents) * 3,
         "host corpus": 4 * num_documents * corpus_dim,
     }

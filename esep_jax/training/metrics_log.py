@@ -25,6 +25,7 @@ class MetricsLog:
         """`enabled=False` (every process but 0 of a multi-process job) makes writes no-ops."""
         self.path, self.enabled = Path(path), enabled
         self._handle = None
+        self.kept: list[dict] = []  # the records kept from an earlier invocation (steps <= resume_step)
         if not enabled:
             return
         with storage_errors(str(self.path)):
@@ -39,7 +40,22 @@ class MetricsLog:
                         continue
                     if step <= resume_step:
                         kept.append(line)
+                        self.kept.append(json.loads(line))
                 atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            self._handle = self.path.open("a", encoding="utf-8")
+
+    def count(self, step: int, kind: str) -> int:
+        """How many kept records of `kind` the log holds for `step`."""
+        return sum(1 for record in self.kept if record["step"] == step and record.get("kind") == kind)
+
+    def drop(self, step: int, kind: str) -> None:
+        """Removes the kept records of `kind` at `step` (before they are written again)."""
+        if not self.enabled:
+            return
+        self.kept = [r for r in self.kept if not (r["step"] == step and r.get("kind") == kind)]
+        with storage_errors(str(self.path)):
+            self._handle.close()
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in self.kept))
             self._handle = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, kind: str, values: dict) -> None:
@@ -63,9 +79,11 @@ class MetricsLog:
 
     def close(self) -> None:
         if self._handle is not None:
-            self.sync()
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            with storage_errors(str(self.path)):
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
 
 
 def _step_of(line: str) -> int | None:
