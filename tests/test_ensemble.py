@@ -38,7 +38,7 @@ def test_greedy_selection_picks_by_the_dev_score_with_replacement():
 def test_per_member_values_are_checked():
     config = load_config(None, ["ensemble.members=3", "ensemble.learning_rate=1e-3,3e-3,1e-2"])
     assert member_values(config)["learning_rate"] == (1e-3, 3e-3, 1e-2)
-    assert member_values(config)["temperature"] == (0.05,) * 3
+    assert member_values(config)["temperature"] == (0.03,) * 3
     with pytest.raises(InputError, match="2 values for 3 members"):
         load_config(None, ["ensemble.members=3", "ensemble.temperature=0.1,0.2"])
     with pytest.raises(InputError, match="dropout"):

@@ -19,8 +19,10 @@ from esep_jax.serving import BundleError, ChecksumError, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "esep_jax" / "demo_data" / "pystdlib"
-FAST = ["--config.optim.weight_decay=1e-4", "--config.train.eval_every=20", "--config.train.batch_size=32", "--config.optim.warmup_steps=2",
-        "--config.optim.learning_rate=1e-2", "--config.optim.weight_decay=1e-4", "--no-progress"]
+FAST = ["--config.train.eval_every=20", "--config.train.batch_size=32", "--config.optim.warmup_steps=2",
+        "--config.optim.learning_rate=1e-2", "--config.optim.weight_decay=1e-4", "--config.loss.negatives=all",
+        "--config.loss.temperature=0.05",
+        "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -34,16 +34,22 @@ def _launch(dataset: str, workdir: Path, devices: int, extra=(), process=None, p
         args += ["--coordinator", f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(process),
                  "--heartbeat-timeout", "10"]
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Output goes to files, not pipes: a child that writes more than a pipe holds while nobody reads would block.
+    log = workdir.parent / f"{workdir.name}-{process or 0}.log"
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log, "w+")
+    child = subprocess.Popen(args, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, text=True)
+    child.output = lambda: log.read_text()
+    return child
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(synthetic_dataset, tmp_path):
     single = _launch(synthetic_dataset, tmp_path / "single", 4)
-    assert single.wait(timeout=300) == 0, single.stderr.read()
+    assert single.wait(timeout=300) == 0, single.output()
     port = _free_port()
     workers = [_launch(synthetic_dataset, tmp_path / "multi", 2, process=i, processes=2, port=port) for i in range(2)]
     for worker in workers:
-        assert worker.wait(timeout=300) == 0, worker.stderr.read()
+        assert worker.wait(timeout=300) == 0, worker.output()[-3000:]
     (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("single", "multi"))
     assert step_a == step_b == 30
     import jax
@@ -75,7 +81,7 @@ def test_a_dead_process_fails_the_job_within_bounded_time(synthetic_dataset, tmp
         pytest.fail("the surviving process hung after its peer died")
     assert code != 0
     assert time.monotonic() - started < 90
-    stderr = workers[0].stderr.read()
+    stderr = workers[0].output()
     assert any(word in stderr.lower() for word in ("heartbeat", "unavailable", "connection", "terminated",
                                                    "failed", "error")), stderr[-2000:]
 
@@ -91,7 +97,7 @@ def test_sigterm_checkpoints_and_a_relaunch_ends_identical(synthetic_dataset, tm
     started = time.monotonic()
     assert run.wait(timeout=60) == 0
     assert time.monotonic() - started < 30  # promptly
-    stdout = run.stdout.read()
+    stdout = run.output()
     assert "rerun the same command to resume" in stdout or "steps 400" in stdout
     relaunch = _launch(synthetic_dataset, tmp_path / "run", 1, ["--config.train.num_steps=400"])
     assert relaunch.wait(timeout=300) == 0

@@ -6,7 +6,7 @@ import numpy as np
 
 from esep_jax.data.dataset import Qrels
 from esep_jax.evaluation.evaluator import Ranking
-from esep_jax.evaluation.report import unseen_relevant_view
+from esep_jax.evaluation.views import unseen_relevant_view
 
 
 def test_unseen_relevant_view_hides_seen_positives_and_keeps_other_documents():

@@ -79,7 +79,7 @@ def test_workdir_refuses_a_different_config(synthetic_dataset, tmp_path, capsys)
     capsys.readouterr()
     assert main(["train", "--data", synthetic_dataset, "--workdir", workdir, *FAST,
                  "--config.loss.temperature=0.5"]) == 2
-    assert "loss.temperature: 0.05 -> 0.5" in capsys.readouterr().err
+    assert "loss.temperature: 0.03 -> 0.5" in capsys.readouterr().err
 
 
 def test_cli_help_lists_subcommands(capsys):

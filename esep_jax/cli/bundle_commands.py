@@ -26,6 +26,8 @@ def _add_export(subparsers) -> None:
     parser.add_argument("--index", choices=("auto", "brute_force", "ah", "tree"), default="auto",
                         help="ScaNN index (auto: brute force < 20k docs, AH + reorder < 100k, else tree + AH)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--allow-harmful-head", action="store_true",
+                        help="export a head that training flagged as worse than the base on new documents")
     parser.add_argument("--sign-key-file", default=None, metavar="PATH",
                         help="sign the manifest with HMAC-SHA256 under this key (>= 16 bytes); loaders given the "
                              "key refuse a bundle changed after export")
@@ -37,6 +39,7 @@ def _run_export(args) -> int:
 
     manifest = export_bundle(args.workdir, args.out, data=args.data, target_recall=args.target_recall,
                              overwrite=args.overwrite, strategy=args.index, key=_key(args.sign_key_file),
+                             allow_harmful=args.allow_harmful_head,
                              log=lambda message: print(message, file=sys.stderr, flush=True))
     index, evaluation = manifest["index"], manifest["eval"]
     print(f"wrote {args.out}: {manifest['head']['trained_as']} head, {manifest['corpus']['count']} documents, "

@@ -170,9 +170,37 @@ def _run_teacher(args) -> int:
     return 0
 
 
+def _add_new_documents(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "new-documents", help="a copy of a dataset where a fraction of the corpus is 'added after training'",
+        description="Holds out a seeded fraction of the corpus as documents added after training: their judgements "
+                    "are dropped from every split but test (they stay in the corpus as candidates). Train on the "
+                    "result, and `esep-jax eval` on it adds the new-documents view of test (only held-out "
+                    "relevant documents count). Written atomically.")
+    parser.add_argument("--data", required=True, help="the source dataset")
+    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--fraction", type=float, default=0.2, help="share of the corpus held out (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="which documents (default 0)")
+    parser.add_argument("--name", default=None, help="dataset name (default: the source's + -new-documents)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(handler=_run_new_documents)
+
+
+def _run_new_documents(args) -> int:
+    from esep_jax.data.new_documents import make_new_documents_dataset
+
+    manifest = make_new_documents_dataset(args.data, args.out, fraction=args.fraction, seed=args.seed,
+                                          overwrite=args.overwrite, name=args.name)
+    splits = ", ".join(f"{name} {info['queries']} queries" for name, info in manifest["splits"].items())
+    print(f"wrote {args.out}: {manifest['new_documents']['count']} of {manifest['corpus']['count']} documents held "
+          f"out as new (seed {args.seed}); {splits}")
+    return 0
+
+
 def register(subparsers) -> None:
     """Adds this module's subcommands."""
     _add_ingest(subparsers)
     _add_mix(subparsers)
     _add_mine(subparsers)
     _add_teacher(subparsers)
+    _add_new_documents(subparsers)

@@ -11,8 +11,14 @@ from esep_jax.errors import InputError
 
 def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="exact retrieval metrics (trec_eval conventions), base and trained head side by side")
-    parser.add_argument("--data", required=True, help="dataset directory")
+        "eval", help="exact retrieval metrics (trec_eval conventions), base and trained head side by side",
+        description="Exact retrieval on one split, the base embeddings and (with --workdir) a run's head side by "
+                    "side, with the views that show a document prior: new documents (a dataset made by `esep-jax "
+                    "new-documents`) and relevant documents never relevant in train. Give --data several times "
+                    "for one table over datasets: the run's own data (in-domain) and others embedded by the same "
+                    "encoder (zero-shot). Reads only; writes nothing but --json and --run.")
+    parser.add_argument("--data", required=True, action="append",
+                        help="dataset directory; repeat for a table over several (zero-shot) datasets")
     parser.add_argument("--split", default="test", help="qrels split to evaluate (default: test)")
     parser.add_argument("--workdir", default=None, help="a training run; evaluates its best head")
     parser.add_argument("--json", default=None, metavar="PATH", help="write all metrics as JSON")
@@ -24,13 +30,15 @@ def _add_eval(subparsers) -> None:
 
 
 def _run_eval(args) -> int:
-    from esep_jax.evaluation.report import evaluate_split, format_table, write_json
+    from esep_jax.evaluation.report import evaluate_targets, format_report, format_table, write_json
 
-    result = evaluate_split(args.data, args.split, workdir=args.workdir, run_path=args.run_file,
-                            prefix_dims=args.dims)
-    print(format_table(result))
+    if len(args.data) > 1 and args.run_file:
+        raise InputError("--run writes one dataset's run: give one --data", field="--run")
+    results = evaluate_targets(args.data, args.split, workdir=args.workdir, run_path=args.run_file,
+                               prefix_dims=args.dims)
+    print(format_table(results[0]) if len(results) == 1 else format_report(results))
     if args.json:
-        write_json(result, args.json)
+        write_json(results[0] if len(results) == 1 else {"results": results}, args.json)
     return 0
 
 

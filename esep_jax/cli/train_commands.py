@@ -35,7 +35,6 @@ def _add_train(subparsers) -> None:
 
 def _run_train(args) -> int:
     from esep_jax.config import load_config
-    from esep_jax.evaluation.report import HEADLINE
     from esep_jax.training import distributed
     from esep_jax.training.loop import train_and_evaluate
 
@@ -48,13 +47,39 @@ def _run_train(args) -> int:
                                  stop_at_step=args.stop_at_step)
     if jax.process_index() != 0:
         return 0
-    print(f"dev split: {summary['dev_split']}; steps {summary['steps']}, best step {summary['best_step']}"
-          + (" (stopped early)" if summary["stopped_early"] else "")
-          + (" (paused: rerun the same command to resume)" if summary["interrupted"] else ""))
-    print(f"{'metric':<12}{'base':>9}{'best':>9}")
-    for name in HEADLINE:
-        print(f"{name:<12}{summary['base_dev'][name]:>9.4f}{summary['best_dev'][name]:>9.4f}")
+    out, err = report_lines(summary)
+    print("\n".join(out))
+    for line in err:
+        print(line, file=sys.stderr)
     return 0
+
+
+def report_lines(summary: dict) -> tuple[list[str], list[str]]:
+    """(stdout lines, stderr lines) that `esep-jax train` prints for a run's summary."""
+    out, err = [], []
+    out.append(f"dev split: {summary['dev_split']}; steps {summary['steps']}, best step {summary['best_step']}"
+               + (" (stopped early)" if summary["stopped_early"] else "")
+               + (" (paused: rerun the same command to resume)" if summary["interrupted"] else ""))
+    out.append(f"{'metric':<12}{'base':>9}{'best':>9}")
+    for name in HEADLINE:
+        out.append(f"{name:<12}{summary['base_dev'][name]:>9.4f}{summary['best_dev'][name]:>9.4f}")
+    base_view, head_view = summary["base_dev"].get("new_documents"), summary["best_dev"].get("new_documents")
+    if base_view and head_view:
+        out.append(f"{'ndcg@10':<12}{base_view['ndcg@10']:>9.4f}{head_view['ndcg@10']:>9.4f}   new documents: "
+                   f"{base_view['queries']} dev queries, counting only relevant documents never training positives")
+    if summary.get("gate"):
+        out.append(f"in-domain gate: {summary['gate']['anchors']} training queries as anchors; dev queries get "
+                   f"{100 * summary['gate']['mean_on_dev']:.1f} % of the head")
+    if summary.get("harmful"):
+        harm = summary["harm_test"]
+        err.append(f"esep-jax: WARNING: the head is worse than the base embeddings on documents it never saw as "
+                   f"positives (new-documents dev view: {harm['mean_delta']:+.4f} nDCG@10 over {harm['queries']} "
+                   f"queries, t = {harm['t']:.2f}): it would push down documents added after training. "
+                   "`esep-jax export` refuses it unless --allow-harmful-head.")
+    return out, err
+
+
+HEADLINE = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 
 def _add_sweep(subparsers) -> None:

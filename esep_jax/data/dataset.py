@@ -40,6 +40,12 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 TARGET_CHUNK_BYTES = 4 << 20
 
 
+def is_test_split(name: str) -> bool:
+    """`test`, and a mixture's per-source `test.NAME`: the splits export never reads and new-documents datasets
+    keep whole."""
+    return name == "test" or name.startswith("test.")
+
+
 def kvstore_spec(location: str) -> dict:
     """A tensorstore kvstore spec for a local path or a `gs://`, `s3://`, `file://` URL (a directory)."""
     location = str(location)
@@ -230,6 +236,13 @@ class Dataset:
     def read_queries(self, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
         """The given query rows, in the given order."""
         return self.query_table()[np.asarray(rows, dtype=np.int64)].read().result().astype(dtype)
+
+    @property
+    def new_documents(self) -> np.ndarray | None:
+        """Corpus rows held out as "added after training" (`esep-jax new-documents`), or None."""
+        if "new_documents" not in self.manifest:
+            return None
+        return self.table("documents/new").read().result().astype(np.int64)
 
     @property
     def fingerprint(self) -> str:

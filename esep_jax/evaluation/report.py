@@ -9,11 +9,11 @@ import numpy as np
 
 from esep_jax.atomic import atomic_write_text
 from esep_jax.config import EvalConfig
-from esep_jax.data.dataset import Dataset
+from esep_jax.data.dataset import Dataset, is_test_split
 from esep_jax.evaluation.evaluator import SplitEvaluator
-from esep_jax.evaluation.metrics import mean_metrics, per_query_metrics
 from esep_jax.evaluation.retrieval import ExactIndex
-from esep_jax.evaluation.views import documents_relevant_in, unseen_relevant_view
+from esep_jax.evaluation.views import documents_relevant_in, unseen_metrics
+from esep_jax.heads.gate import gate_weights
 from esep_jax.objectives.matryoshka import truncated_index_rows
 from esep_jax.runs.trained_run import TrainedRun
 
@@ -21,58 +21,89 @@ HEADLINE = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 
 def evaluate_split(data: str, split: str, workdir: str | None = None, eval_config: EvalConfig | None = None,
-                   run_path: str | None = None, prefix_dims: list[int] | None = None) -> dict:
-    """Metrics of the base retrieval and (with `workdir`) of the run's best head on `split`.
+                   run_path: str | None = None, prefix_dims: list[int] | None = None,
+                   run: TrainedRun | None = None) -> dict:
+    """Metrics of the base retrieval and (with `workdir` or a loaded `run`) of the run's head on `split`.
 
     The top-level metrics are those of the head when one is given, else of the base; both systems are
-    included under `base` and `head`. With `run_path`, the evaluated system's run is written in TREC format.
-    `prefix_dims` (default: a Matryoshka run's `loss.matryoshka_dims`) adds `prefixes`: every system against
-    the index truncated to each prefix size (see `prefix_results`).
+    included under `base` and `head`. `subsets` holds the views that average over documents the head never
+    saw as positives: `new_documents` (a dataset from `esep-jax new-documents`: its held-out documents) and
+    `unseen_relevant` (documents never relevant in the dataset's train split). `zero_shot` says whether the
+    dataset is another than the run was trained on; `gate`, the mean share of the head the queries got. With
+    `run_path`, the evaluated system's run is written in TREC format. `prefix_dims` (default: a Matryoshka run's
+    `loss.matryoshka_dims`) adds `prefixes`: every system against truncated indexes (`prefix_results`).
     """
     dataset = Dataset(data)
-    head_info = None
-    if workdir is not None:
+    if run is None and workdir is not None:
         run = TrainedRun.load(workdir)
+    head_info = None
+    if run is not None:
         run.check_fits(dataset)
         eval_config = eval_config or run.config.eval
-        apply_head = run.transform
-        head_info = {"workdir": str(workdir), "best_step": run.best_steps.tolist(), "head": run.config.model.head,
-                     "members": run.members, "weights": run.weights.tolist()}
+        head_info = {"workdir": str(run.workdir), "best_step": run.best_steps.tolist(), "head": run.config.model.head,
+                     "members": run.members, "weights": run.weights.tolist(),
+                     "gate": None if run.gate is None else run.gate.describe()}
         if prefix_dims is None:
             prefix_dims = list(run.config.loss.matryoshka_dims)
     eval_config = eval_config or EvalConfig()
     corpus = dataset.read_corpus()
-    evaluator = SplitEvaluator(dataset, dataset.qrels(split), ExactIndex(corpus, eval_config.corpus_chunk),
+    qrels = dataset.qrels(split)
+    evaluator = SplitEvaluator(dataset, qrels, ExactIndex(corpus, eval_config.corpus_chunk),
                                top_k=eval_config.top_k, query_chunk=eval_config.query_chunk,
                                relevance_level=eval_config.relevance_level)
     base = evaluator.rank()
-    result = {"dataset": dataset.manifest.get("name"), "split": split, "queries": dataset.qrels(split).num_queries,
+    result = {"dataset": dataset.manifest.get("name"), "split": split, "queries": qrels.num_queries,
               "base": base.metrics}
-    final = base
-    if head_info is not None:
-        head_vectors = evaluator.transformed(apply_head)
+    final, head_vectors = base, None
+    if run is not None:
+        head_vectors = evaluator.transformed(run.transform)
         final = evaluator.rank_vectors(head_vectors)
-        result.update(head=final.metrics, run=head_info)
+        result.update(head=final.metrics, run=head_info,
+                      zero_shot=run.info["dataset"].get("fingerprint") not in _lineage(dataset))
+        if run.gate is not None:
+            result["gate"] = float(gate_weights(run.gate, evaluator.queries).mean())
     result.update({name: final.metrics[name] for name in final.metrics})
+    systems = {"base": base, **({"head": final} if run is not None else {})}
+    subsets = {}
+    new_rows = dataset.new_documents
+    if new_rows is not None and is_test_split(split):
+        old = np.ones(dataset.num_documents, bool)
+        old[new_rows] = False
+        subsets["new_documents"] = _view(systems, qrels, old, evaluator, eval_config.relevance_level)
     seen = None if split == "train" else documents_relevant_in(dataset, "train", eval_config.relevance_level)
     if seen is not None:
-        systems = {"base": base, **({"head": final} if head_info is not None else {})}
-        entry = {}
-        for system, ranking in systems.items():
-            rows, scores, view, keep = unseen_relevant_view(ranking, dataset.qrels(split), seen,
-                                                            eval_config.relevance_level)
-            if len(keep):
-                entry["queries"] = len(keep)
-                entry[system] = mean_metrics(per_query_metrics(rows, scores, view, evaluator.doc_id_rank,
-                                                               evaluator.cutoffs, eval_config.relevance_level))
-        if entry:
-            result["subsets"] = {"unseen_relevant": entry}
+        subsets["unseen_relevant"] = _view(systems, qrels, seen, evaluator, eval_config.relevance_level)
+    subsets = {name: entry for name, entry in subsets.items() if entry}
+    if subsets:
+        result["subsets"] = subsets
     if prefix_dims:
-        result["prefixes"] = prefix_results(evaluator, corpus, head_vectors if head_info is not None else None,
-                                            prefix_dims, eval_config.corpus_chunk)
+        result["prefixes"] = prefix_results(evaluator, corpus, head_vectors, prefix_dims, eval_config.corpus_chunk)
     if run_path:
-        evaluator.write_trec_run(final, run_path, "esep_jax-head" if head_info else "esep_jax-base")
+        evaluator.write_trec_run(final, run_path, "esep_jax-head" if run is not None else "esep_jax-base")
     return result
+
+
+def _lineage(dataset: Dataset) -> set:
+    """The fingerprints a run on this dataset (or on the dataset it was derived from) would record."""
+    derived = dataset.manifest.get("new_documents", {}).get("source_fingerprint")
+    return {dataset.fingerprint} | ({derived} if derived else set())
+
+
+def _view(systems: dict, qrels, seen: np.ndarray, evaluator: SplitEvaluator, relevance_level: int) -> dict:
+    """{"queries", "base", "head"} of the view that counts only documents outside `seen` (empty if none)."""
+    entry = {}
+    for system, ranking in systems.items():
+        queries, metrics = unseen_metrics(ranking, qrels, seen, relevance_level, evaluator.doc_id_rank,
+                                          evaluator.cutoffs)
+        if metrics is not None:
+            entry.update(queries=queries, **{system: metrics})
+    return entry
+
+
+def evaluate_targets(datas: list[str], split: str, workdir: str | None = None, **options) -> list[dict]:
+    """`evaluate_split` of one run on several datasets (the first usually its own: the others zero-shot)."""
+    run = TrainedRun.load(workdir) if workdir is not None else None
+    return [evaluate_split(data, split, run=run, **options) for data in datas]
 
 
 def prefix_results(evaluator: SplitEvaluator, corpus: np.ndarray, head_vectors: np.ndarray | None,
@@ -118,8 +149,41 @@ def format_table(result: dict, names=HEADLINE) -> str:
         line = f"{'ndcg@10':<12}{entry['base']['ndcg@10']:>9.4f}"
         if "head" in entry:
             line += f"{entry['head']['ndcg@10']:>9.4f}{entry['head']['ndcg@10'] - entry['base']['ndcg@10']:>+9.4f}"
-        lines.append(f"{line}   {subset}: {entry['queries']} queries, counting only relevant documents "
-                     "never relevant in train")
+        lines.append(f"{line}   {subset}: {entry['queries']} queries, counting only {SUBSET_MEANING[subset]}")
+    if "gate" in result:
+        lines.append(f"the in-domain gate gave these queries {100 * result['gate']:.1f} % of the head on average")
+    return "\n".join(lines)
+
+
+SUBSET_MEANING = {"new_documents": "the documents held out as added after training",
+                  "unseen_relevant": "relevant documents never relevant in train"}
+
+
+def format_report(results: list[dict]) -> str:
+    """One table over datasets and their views: in-domain, new documents, unseen, zero-shot (nDCG@10)."""
+    first = results[0]
+    lines = []
+    if "run" in first:
+        run = first["run"]
+        gate = run["gate"]
+        lines.append(f"run {run['workdir']}: {run['head']} head, {run['members']} member(s), best step "
+                     f"{run['best_step']}, gate " + ("none" if gate is None else f"knn ({gate['anchors']} anchors)"))
+    with_head = "head" in first
+    lines.append(f"{'nDCG@10':<46}{'queries':>8}{'base':>9}" + (f"{'head':>9}{'delta':>9}{'gate':>7}" if with_head else ""))
+
+    def row(label, queries, base, head=None, gate=None):
+        text = f"{label:<46}{queries:>8}{base:>9.4f}"
+        if head is not None:
+            text += f"{head:>9.4f}{head - base:>+9.4f}" + (f"{gate:>7.3f}" if gate is not None else "")
+        return text
+
+    for result in results:
+        label = f"{result['dataset']} / {result['split']}" + (" (zero-shot)" if result.get("zero_shot") else "")
+        lines.append(row(label, result["queries"], result["base"]["ndcg@10"], result.get("head", {}).get("ndcg@10"),
+                         result.get("gate")))
+        for subset, entry in result.get("subsets", {}).items():
+            lines.append(row(f"  {subset.replace('_', ' ')}", entry["queries"], entry["base"]["ndcg@10"],
+                             entry.get("head", {}).get("ndcg@10")))
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from esep_jax.atomic import atomic_directory
+from esep_jax.data import dataset as dataset_module
 from esep_jax.errors import InputError, StorageError, os_reason
 from esep_jax.export import format as fmt
 from esep_jax.export import scann_index
@@ -52,17 +53,12 @@ def fold_head(kind: str, member_params: dict, weights, input_dim: int, output_di
     return head, {name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()}
 
 
-def is_test_split(name: str) -> bool:
-    """`test`, and a mixture's per-source `test.NAME`: splits that export never reads."""
-    return name == "test" or name.startswith("test.")
-
-
 def _tuning_rows(dataset, config) -> tuple[np.ndarray, str]:
     """Query rows to tune ScaNN on: never a test query. The dev split's queries, topped up with training
     queries when there are fewer than `MIN_TUNING_QUERIES` (the index is tuned for queries like these)."""
     test_rows = set()
     for split in dataset.splits:
-        if is_test_split(split):
+        if dataset_module.is_test_split(split):
             test_rows.update(dataset.qrels(split).query_rows.tolist())
     parts, names = [], []
     if config.train.dev_split in dataset.splits:
@@ -116,11 +112,12 @@ def _write_manifest(root: Path, manifest: dict, key: bytes | None) -> None:
 
 def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None, target_recall: float = 0.95,
                   overwrite: bool = False, strategy: str = "auto", k: int = 10, log=print,
-                  key: bytes | None = None) -> dict:
+                  key: bytes | None = None, allow_harmful: bool = False) -> dict:
     """Writes the serving bundle of the run in `workdir` to `out` (atomically); returns its manifest.
 
     The run is loaded once, read-only (`TrainedRun`); the corpus is read once; test queries are never read.
-    With `key`, the manifest is signed (`manifest.json.hmac`; see `esep_jax.serving.searcher`).
+    With `key`, the manifest is signed (`manifest.json.hmac`; see `esep_jax.serving.searcher`). A run flagged
+    harmful by training (worse than the base on its new-documents dev view) is refused unless `allow_harmful`.
     """
     from safetensors import SafetensorError
 
@@ -140,7 +137,16 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
     dataset = Dataset(data)
     run.check_fits(dataset)
     config = run.config
+    if run.summary and run.summary.get("harmful") and not allow_harmful:
+        views = run.summary["best_dev"]["new_documents"], run.summary["base_dev"]["new_documents"]
+        raise InputError(f"the run's head is worse than the base embeddings on its new-documents dev view (nDCG@10 "
+                         f"{views[0]['ndcg@10']:.4f} vs {views[1]['ndcg@10']:.4f}): it would push down documents "
+                         "added after training; pass --allow-harmful-head to export it anyway", file=str(workdir))
     head, tensors = fold_head(config.model.head, run.params, run.weights, dataset.query_dim, dataset.corpus_dim)
+    if run.gate is not None:
+        head["gate"] = run.gate.describe()
+        tensors["gate.anchors"] = np.ascontiguousarray(run.gate.anchors, np.float32)
+        head["tensors"]["gate.anchors"] = list(run.gate.anchors.shape)
     tuning_rows, tuning_name = _tuning_rows(dataset, config)
     tuning_raw = dataset.read_queries(tuning_rows)
     tuning = fmt.apply_head(head, tensors, tuning_raw)  # tuned on what the served head will send
@@ -174,7 +180,11 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
         "corpus": {"count": len(corpus), "dataset": dataset.manifest.get("name"), "ids": fmt.IDS_FILE},
         "training": {"workdir": str(Path(workdir).absolute()), "data": data, "best_step": run.best_steps.tolist(),
                      "model": dataclasses.asdict(config.model), "ensemble": _json_ready(config.ensemble),
-                     "folding_max_abs_error": folding_error},
+                     "folding_max_abs_error": folding_error,
+                     # The head against the identity on every dev view, as training measured them.
+                     "dev": None if run.summary is None else {
+                         "base": run.summary["base_dev"], "head": run.summary["best_dev"],
+                         "harmful": run.summary.get("harmful", False)}},
         "index": {"library": "scann", "scann_version": metadata.version("scann"), "path": fmt.INDEX_DIR,
                   **dataclasses.asdict(plan), **tuned, "k": k, "tuned_on": tuning_name},
         "eval": evaluation,

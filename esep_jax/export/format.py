@@ -16,6 +16,9 @@ Heads (`manifest["head"]["kind"]`); a trained ensemble of members f_m is served 
 - `mlp`: `f(q) = E q + Σ_m w_m (gelu(q @ hidden.kernel[m] + hidden.bias[m]) @ out.kernel[m] + out.bias[m])` with
   `member_weights [M]`, where E truncates or zero-pads q to `d_out` (`esep_jax.heads.base.base_projection`)
   and gelu is the tanh approximation (flax's `nn.gelu` default). Every tensor has the leading member axis M.
+- Either kind may carry the in-domain gate (`head["gate"]`: neighbours, lower, upper; tensor `gate.anchors
+  [T, d_in]`, unit rows): `f_gated(q) = E q + g(q) (f(q) − E q)` with `g` from the query's mean cosine to its
+  nearest anchors (`esep_jax.heads.gate`).
 
 This module imports numpy only: the JAX-free serving path (`esep_jax.serving`) shares it with the exporter.
 """
@@ -28,6 +31,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from esep_jax.heads.gate import Gate, base_projection, gated
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,17 +62,17 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return x * (0.5 * (1.0 + np.tanh(np.asarray(_SQRT_2_OVER_PI, x.dtype) * (x + 0.044715 * x ** 3))))
 
 
-def base_projection(queries: np.ndarray, output_dim: int) -> np.ndarray:
-    """`E q`: the query truncated or zero-padded to `output_dim` (as the JAX heads do)."""
-    input_dim = queries.shape[-1]
-    if input_dim >= output_dim:
-        return queries[..., :output_dim]
-    return np.pad(queries, [(0, 0)] * (queries.ndim - 1) + [(0, output_dim - input_dim)])
-
-
 def apply_head(head: dict, tensors: dict[str, np.ndarray], queries: np.ndarray) -> np.ndarray:
-    """f(queries) for a bundle head (`manifest["head"]` and its tensors), float32 `[Q, output_dim]`."""
+    """f(queries) for a bundle head (`manifest["head"]` and its tensors), float32 `[Q, output_dim]`, blended
+    with the base by the head's in-domain gate when it has one (`head["gate"]`, tensor `gate.anchors`)."""
     queries = np.asarray(queries, np.float32)
+    vectors = _apply_ungated(head, tensors, queries)
+    if head.get("gate"):
+        vectors = gated(Gate.from_description(head["gate"], tensors["gate.anchors"]), queries, vectors)
+    return vectors
+
+
+def _apply_ungated(head: dict, tensors: dict[str, np.ndarray], queries: np.ndarray) -> np.ndarray:
     if head["kind"] == "linear":
         out = queries @ tensors["W"]
         return out + tensors["b"] if "b" in tensors else out
@@ -87,8 +92,11 @@ def expected_shapes(head: dict) -> dict[str, tuple[tuple[int, ...], bool]]:
     """The shape every tensor of `head` must have, and whether it is required, from the manifest's dims."""
     if head.get("kind") not in TENSORS:
         raise ValueError(f"unknown head kind {head.get('kind')!r} (this esep_jax serves {', '.join(HEAD_KINDS)})")
-    return {name: (tuple(int(head[dim]) for dim in dims), required)
-            for name, (dims, required) in TENSORS[head["kind"]].items()}
+    shapes = {name: (tuple(int(head[dim]) for dim in dims), required)
+              for name, (dims, required) in TENSORS[head["kind"]].items()}
+    if head.get("gate"):
+        shapes["gate.anchors"] = ((int(head["gate"]["anchors"]), int(head["input_dim"])), True)
+    return shapes
 
 
 def sha256_file(path: Path | str, block: int = 1 << 20) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from esep_jax.objectives import matryoshka
 from esep_jax.objectives.corpus_softmax import make_corpus_softmax_loss
@@ -30,6 +31,19 @@ def full_corpus_softmax_loss(query_vectors: jax.Array, corpus: jax.Array, positi
     targets = target_distribution(positive_ids, positive_weights)
     # `where`, not a product: padding may point at a masked-out (-inf) document.
     return jax.nn.logsumexp(logits, axis=-1) - jnp.where(targets > 0, targets * positive_logits, 0.0).sum(axis=-1)
+
+
+def logit_adjustment(train_qrels, num_documents: int, strength: float, smoothing: float,
+                     relevance_level: int = 1) -> np.ndarray:
+    """`strength · log(π_j + smoothing / N)` per document (Menon et al., 2021), π_j the document's share of the
+    training target mass (each training query spreads one unit over its positives, weighted by grade)."""
+    query_of = np.repeat(np.arange(train_qrels.num_queries), np.diff(train_qrels.offsets))
+    relevant = train_qrels.grades >= relevance_level
+    weights = train_qrels.grades[relevant].astype(np.float64)
+    totals = np.bincount(query_of[relevant], weights, minlength=train_qrels.num_queries)
+    mass = np.bincount(train_qrels.doc_rows[relevant], weights / totals[query_of[relevant]], minlength=num_documents)
+    prior = mass / max(mass.sum(), 1e-12)
+    return (strength * np.log(prior + smoothing / num_documents)).astype(np.float32)
 
 
 class FullCorpusSoftmax(Term):

@@ -5,7 +5,8 @@
     metrics.jsonl     one JSON object per log step and per dev evaluation
     events/           the same metrics as TensorBoard event files
     checkpoints/      orbax checkpoints of the whole train state, each with a digest of its contents
-    ensemble.json     the members' combination weights chosen on dev (written when training ends)
+    selection.json    the members' combination weights and the in-domain gate (written when training ends)
+    gate.safetensors  the gate's anchors (selection.py)
     summary.json      the run's outcome (written last: its presence means the run finished)
     .lock             held by the one trainer working in the workdir
 """
@@ -24,7 +25,6 @@ METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "events"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPTED_DIR = "corrupted_checkpoints"
-ENSEMBLE_FILE = "ensemble.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".lock"
 RUN_FORMAT = 2  # 2: checkpoints carry a content digest; run.json a dataset fingerprint

@@ -2,8 +2,8 @@
 
 Evaluation, export, mining, drift reports and sweeps all get a run's head from here, never from the trainer:
 the config and dataset record are read from `config.json` / `run.json`, the newest checkpoint that matches
-its digest is restored read-only, and the members' best parameters and combination weights (`ensemble.json`,
-uniform for a run that has not finished) become one query transform.
+its digest is restored read-only, and the members' best parameters, combination weights and in-domain gate
+(`selection.py`; uniform weights and no gate for a run that has not finished) become one query transform.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from esep_jax.config import Config
 from esep_jax.errors import InputError
 from esep_jax.heads import apply_members, query_transform
 from esep_jax.runs import checkpoints
-from esep_jax.runs.layout import ENSEMBLE_FILE, SUMMARY_FILE, read_json, read_run_config, read_run_info
+from esep_jax.heads.gate import Gate, gated
+from esep_jax.runs.layout import SUMMARY_FILE, read_json, read_run_config, read_run_info
+from esep_jax.runs.selection import read_selection
 from esep_jax.runs.state import run_components
 
 
@@ -35,6 +37,7 @@ class TrainedRun:
     head: nn.Module
     params: Any  # every member's best parameters, leading member axis [E, ...] (numpy)
     weights: np.ndarray  # [E] combination weights, summing to 1
+    gate: Gate | None  # the in-domain gate (None: the head applies to every query)
     best_steps: np.ndarray  # [E] the step of each member's best dev score
     best_scores: np.ndarray  # [E]
     checkpoint_step: int  # the checkpoint these come from
@@ -62,15 +65,10 @@ class TrainedRun:
             manager.close()
         if step is None:
             raise InputError("no checkpoint yet: the run has not saved one", file=str(directory))
-        members = config.ensemble.members
-        weights = np.full(members, 1.0 / members, np.float32)
-        if (workdir / ENSEMBLE_FILE).exists():
-            weights = np.asarray(read_json(workdir / ENSEMBLE_FILE, "ensemble weights").get("weights"), np.float32)
-            if weights.shape != (members,):
-                raise InputError(f"expected {members} weights", file=str(workdir / ENSEMBLE_FILE), field="weights")
+        weights, gate = read_selection(workdir, config.ensemble.members)
         summary = read_json(workdir / SUMMARY_FILE, "the run summary") if (workdir / SUMMARY_FILE).exists() else None
         return cls(workdir=workdir, config=config, info=info, head=head,
-                   params=jax.tree.map(np.asarray, state.best_params), weights=weights,
+                   params=jax.tree.map(np.asarray, state.best_params), weights=weights, gate=gate,
                    best_steps=np.asarray(state.best_step), best_scores=np.asarray(state.best_score),
                    checkpoint_step=int(step), finished=summary is not None, summary=summary)
 
@@ -87,9 +85,14 @@ class TrainedRun:
         return int(self.weights.shape[0])
 
     @functools.cached_property
-    def transform(self):
-        """The combined head as one jitted function of query embeddings `[Q, d_in] -> [Q, d_out]`."""
+    def head_transform(self):
+        """The combined head, ungated, as one jitted function of query embeddings `[Q, d_in] -> [Q, d_out]`."""
         return query_transform(self.head, self.params, self.weights)
+
+    def transform(self, queries) -> np.ndarray:
+        """What the run serves for query embeddings: the combined head, blended with the base by the gate."""
+        queries = np.asarray(queries, np.float32)
+        return gated(self.gate, queries, np.asarray(self.head_transform(queries)))
 
     def member_vectors(self, queries: np.ndarray) -> np.ndarray:
         """Every member's vectors for `queries`, `[E, Q, d_out]`."""

@@ -15,17 +15,24 @@ from esep_jax.config import Config
 from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.evaluation.evaluator import SplitEvaluator
 from esep_jax.evaluation.retrieval import ExactIndex
+from esep_jax.evaluation.views import harm_test, unseen_metrics, unseen_per_query
 from esep_jax.objectives.matryoshka import truncated_index_rows
 from esep_jax.runs.state import TrainState
 
 
+VIEW_METRICS = ("ndcg@10", "recall@100")
+
+
 class DevSelection:
     """Scores members' query vectors on the dev queries; a Matryoshka run is scored on the mean over its
-    prefixes and the full dimension."""
+    prefixes and the full dimension. With `seen` (documents relevant in the training judgements used), every
+    evaluation also reports the new-documents view: dev queries scored on their relevant documents that were
+    never training positives (`evaluation/views.py`) — reported, not selected on."""
 
-    def __init__(self, config: Config, dataset: Dataset, dev_qrels: Qrels, corpus: np.ndarray, dtype):
+    def __init__(self, config: Config, dataset: Dataset, dev_qrels: Qrels, corpus: np.ndarray, dtype,
+                 seen: np.ndarray | None = None):
         ec = config.eval
-        self.metric = config.train.select_metric
+        self.metric, self.seen, self.relevance_level = config.train.select_metric, seen, ec.relevance_level
         self.evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(corpus, ec.corpus_chunk, dtype), top_k=ec.top_k,
                                         query_chunk=ec.query_chunk, relevance_level=ec.relevance_level)
         self.prefixes = [(k, SplitEvaluator(dataset, dev_qrels, ExactIndex(truncated_index_rows(corpus, k),
@@ -39,11 +46,33 @@ class DevSelection:
         return self.evaluator.queries
 
     def base_metrics(self) -> dict:
-        return self.evaluator.rank().metrics
+        return self.views(self.evaluator.base_vectors())
+
+    def views(self, vectors: np.ndarray) -> dict:
+        """Metrics of dev query vectors, with the new-documents view under `new_documents` when there is one."""
+        ranking = self.evaluator.rank_vectors(vectors)
+        metrics = dict(ranking.metrics)
+        if self.seen is not None:
+            queries, view = unseen_metrics(ranking, self.evaluator.qrels, self.seen, self.relevance_level,
+                                           self.evaluator.doc_id_rank, self.evaluator.cutoffs)
+            if view is not None:
+                metrics["new_documents"] = {"queries": queries, **{name: view[name] for name in VIEW_METRICS}}
+        return metrics
+
+    def harm(self, vectors: np.ndarray, tolerance: float) -> dict | None:
+        """The paired harm test (views.harm_test) of these vectors against the base on the new-documents view."""
+        if self.seen is None:
+            return None
+        per_query = [unseen_per_query(self.evaluator.rank_vectors(v), self.evaluator.qrels, self.seen,
+                                      self.relevance_level, self.evaluator.doc_id_rank, self.evaluator.cutoffs)
+                     for v in (self.evaluator.base_vectors(), vectors)]
+        if per_query[0] is None:
+            return None
+        return harm_test(per_query[0]["ndcg@10"], per_query[1]["ndcg@10"], tolerance)
 
     def score(self, vectors: np.ndarray) -> tuple[float, dict]:
         """(selection score, metrics to log) of one member's dev query vectors."""
-        metrics = self.evaluator.rank_vectors(vectors).metrics
+        metrics = self.views(vectors)
         score = metrics[self.metric]
         if self.prefixes:
             by_prefix = {str(k): e.rank_vectors(vectors[:, :k]).metrics[self.metric] for k, e in self.prefixes}
@@ -52,13 +81,15 @@ class DevSelection:
         return float(score), metrics
 
 
-def record_evaluation(state: TrainState, score: jax.Array, step: jax.Array, patience: int) -> TrainState:
+def record_evaluation(state: TrainState, score: jax.Array, step: jax.Array, patience: int,
+                      min_improvement: float = 0.0) -> TrainState:
     """The early-stopping update for dev scores `[E]`, as a pure function (jit it with the state's shardings).
 
     Scores are compared in float32, the precision the record is kept in, so a tie never counts as an
-    improvement; the first evaluation (best_score = -inf) always does.
+    improvement; the first evaluation (best_score = -inf) always does; a gain of `min_improvement` or less
+    does not.
     """
-    improved = score > state.best_score  # [E]: members keep separate records
+    improved = score > state.best_score + min_improvement  # [E]: members keep separate records
     stale = jnp.where(improved, 0, state.evals_since_best + 1)
 
     def keep_best(best, now):

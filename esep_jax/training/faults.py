@@ -2,7 +2,7 @@
 at a chosen moment, so a test can crash a run exactly there instead of hoping a random kill lands in it.
 
     ESEP_FAULT=checkpoint:N   right after the checkpoint of step N has committed
-    ESEP_FAULT=summary        after ensemble.json, before summary.json is written
+    ESEP_FAULT=summary        after selection.json, before summary.json is written
 
 Unset (always, outside tests) these are no-ops.
 """

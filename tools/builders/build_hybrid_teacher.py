@@ -10,7 +10,7 @@ over the query's candidates and fused as `alpha · dense + (1 − alpha) · bm25
 split by the teacher's own nDCG@10 (reranking its candidates; documents outside them rank last). Writes
 `teacher_<split>.tsv` (`query-id  corpus-id  score`, BEIR style) per requested split and `report.json`.
 
-    python tools/build_hybrid_teacher.py --beir ../shared/data/nfcorpus --embeddings ../shared/data/nfcorpus/minilm \\
+    python tools/builders/build_hybrid_teacher.py --beir ../shared/data/nfcorpus --embeddings ../shared/data/nfcorpus/minilm \\
         --out /tmp/hybrid-nfcorpus --splits train,dev,test
     esep-jax teacher --data /tmp/nfcorpus --scores /tmp/hybrid-nfcorpus/teacher_train.tsv --name hybrid
 
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from esep_jax.data.ingest import read_ids  # noqa: E402
-from esep_jax.data.text_encoder import read_beir_corpus, read_beir_queries  # noqa: E402
+from esep_jax.data.ids import read_ids  # noqa: E402
+from esep_jax.data.beir import read_beir_corpus, read_beir_queries  # noqa: E402
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     beir, emb = Path(args.beir), Path(args.embeddings)
     corpus_file = next(p for p in (beir / "corpus.jsonl", beir / "corpus.jsonl.gz") if p.exists())
     queries_file = next(p for p in (beir / "queries.jsonl", beir / "queries.jsonl.gz") if p.exists())
-    doc_ids_text, doc_texts = read_beir_corpus(str(corpus_file))
-    query_ids_text, query_texts = read_beir_queries(str(queries_file))
+    doc_ids_text, doc_texts, _ = read_beir_corpus(str(corpus_file))
+    query_ids_text, query_texts, _ = read_beir_queries(str(queries_file))
     doc_ids, query_ids = read_ids(str(emb / "corpus_ids.txt")), read_ids(str(emb / "queries_ids.txt"))
     text_of_doc = dict(zip(doc_ids_text, doc_texts))
     text_of_query = dict(zip(query_ids_text, query_texts))

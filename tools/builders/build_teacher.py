@@ -14,7 +14,7 @@ of the query are masked out. The number of steps is `--steps`, or, by default, s
 so that the whole script (training, then encoding corpus and queries with B, estimated from a timed probe)
 fits `--budget-seconds` of wall clock on a shared 2-core machine; training also stops at that deadline.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/build_teacher.py \\
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/builders/build_teacher.py \\
         --data ../shared/data/nfcorpus --out /tmp/teacher
 
 Writes
@@ -45,10 +45,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from esep_jax.data.text_encoder import (  # noqa: E402
-    DEFAULT_ENCODER, read_beir_corpus, read_beir_queries, resolve_encoder_path)
+from esep_jax.data.beir import read_beir_corpus, read_beir_queries  # noqa: E402
+from esep_jax.data.encoders import DEFAULT_ENCODER, resolve_encoder_path  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -422,8 +422,8 @@ def main(argv=None) -> int:
     base_c = np.load(data / "minilm" / "corpus.npy").astype(np.float32)
     base_q = np.load(data / "minilm" / "queries.npy").astype(np.float32)
     assert base_c.shape[0] == len(corpus_ids) and base_q.shape[0] == len(query_ids)
-    cids, ctexts = read_beir_corpus(data / "corpus.jsonl")
-    qids_all, qtexts = read_beir_queries(data / "queries.jsonl")
+    cids, ctexts, _ = read_beir_corpus(data / "corpus.jsonl")
+    qids_all, qtexts, _ = read_beir_queries(data / "queries.jsonl")
     dtext = dict(zip(cids, ctexts))
     qtext = dict(zip(qids_all, qtexts))
     missing = [c for c in corpus_ids if c not in dtext] + [q for q in query_ids if q not in qtext]

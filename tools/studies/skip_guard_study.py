@@ -17,7 +17,7 @@ guard only throws away useful hard negatives. This study simulates MS MARCO-styl
 Prints a markdown table and writes everything to `OUT/summary.json`. Finished steps (the dataset, candidate
 lists, evaluated runs) are reused, so a rerun only does what is missing.
 
-    python tools/skip_guard_study.py --source /work/shared/data/nfcorpus --dense-data /tmp/nf --out /tmp/skip \\
+    python tools/studies/skip_guard_study.py --source /work/shared/data/nfcorpus --dense-data /tmp/nf --out /tmp/skip \\
         --mine-skips 0,3,10,30 --train-skips 0,10,30 --seeds 0 --extra-seed-skips 0,10 --extra-seeds 1
 """
 
