@@ -5,12 +5,15 @@ makes two groups, so two compiled ensembles of 8 members each. The leaderboard a
 from this sweep.
 """
 
-from esep_jax.config import Config, override
+from pathlib import Path
+
+from esep_jax.config import Config, load_config_file, override
 
 
 def get_config() -> Config:
-    return override(Config(), {"train.num_steps": 1500, "train.eval_every": 100, "train.patience": 4,
-                               "model.rank": 64})
+    # Measured with the 0.1 defaults (configs/earlier_defaults.py); the swept fields override them.
+    base = load_config_file(str(Path(__file__).with_name("earlier_defaults.py")))
+    return override(base, {"train.num_steps": 1500, "train.eval_every": 100, "train.patience": 4, "model.rank": 64})
 
 
 def get_sweep() -> dict:

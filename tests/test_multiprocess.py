@@ -114,3 +114,27 @@ def test_launch_script_runs_a_two_process_job_from_a_file_url(synthetic_dataset,
     assert done.returncode == 0, done.stderr[-2000:]
     assert final_train_state(tmp_path / "run", synthetic_dataset)[0] == 30
     assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == f"file://{synthetic_dataset}"
+
+
+def test_a_corpus_sharded_over_two_processes_trains_and_evaluates_like_one(synthetic_dataset, tmp_path):
+    """corpus_shards=2 over 2 processes of 1 device: each process reads and holds only its half of the corpus —
+    for training and for the dev evaluations (top-k per shard, merged exactly) — and the run equals one process
+    of 2 devices with the same mesh."""
+    shards = ["--config.train.corpus_shards=2"]
+    single = _launch(synthetic_dataset, tmp_path / "single", 2, shards)
+    assert single.wait(timeout=300) == 0, single.output()
+    port = _free_port()
+    workers = [_launch(synthetic_dataset, tmp_path / "multi", 1, shards, process=i, processes=2, port=port)
+               for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.output()[-3000:]
+    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("single", "multi"))
+    assert step_a == step_b == 30
+    import jax
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "multi")]
+    assert summaries[1]["best_dev"]["ndcg@10"] == pytest.approx(summaries[0]["best_dev"]["ndcg@10"], abs=1e-6)
+    corpus_bytes = 400 * 16 * 4  # the synthetic corpus in float32
+    assert summaries[0]["corpus_bytes_per_process"] == [corpus_bytes]  # one process: all of it
+    assert summaries[1]["corpus_bytes_per_process"] == [corpus_bytes // 2] * 2  # two: half each

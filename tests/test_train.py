@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -92,3 +93,39 @@ def test_cli_help_lists_subcommands(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--" in capsys.readouterr().out
+
+
+def _read_events(directory: Path) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in a TensorBoard event directory (TFRecord framing, read by hand)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.append((value.tag, event.step, value.simple_value))
+    return scalars
+
+
+def test_every_run_writes_tensorboard_events_and_training_curves(synthetic_dataset, tmp_path):
+    workdir = tmp_path / "run"
+    assert main(["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST,
+                 "--config.ensemble.members=2", "--config.ensemble.temperature=0.03,0.1"]) == 0
+    scalars = _read_events(workdir / "events")
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_losses = {(r["step"], m): v for r in records if r["kind"] == "train" for m, v in enumerate(r["member_loss"])}
+    logged = {(step, int(tag.rsplit("member", 1)[1])): value for tag, step, value in scalars
+              if tag.startswith("train/member_loss/")}
+    assert logged == pytest.approx(train_losses)
+    dev = {(r["step"], r["member"]): r["ndcg@10"] for r in records if r["kind"] == "dev"}
+    assert {(step, int(tag.split("/")[1][6:])): value for tag, step, value in scalars
+            if tag.startswith("dev/member") and tag.count("/") == 2 and tag.endswith("/ndcg_10")
+            } == pytest.approx(dev)  # TensorBoard tags write "@" as "_"
+    assert (workdir / "train_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -67,6 +67,11 @@ def report_lines(summary: dict) -> tuple[list[str], list[str]]:
     if base_view and head_view:
         out.append(f"{'ndcg@10':<12}{base_view['ndcg@10']:>9.4f}{head_view['ndcg@10']:>9.4f}   new documents: "
                    f"{base_view['queries']} dev queries, counting only relevant documents never training positives")
+    if summary.get("members", 1) > 1:
+        out.append(f"{'member':<8}{'dev ndcg@10':>12}{'best step':>11}{'weight':>8}")
+        steps = summary["best_step"] if isinstance(summary["best_step"], list) else [summary["best_step"]]
+        for member, (dev, step, weight) in enumerate(zip(summary["member_dev"], steps, summary["weights"])):
+            out.append(f"{member:<8}{dev['ndcg@10']:>12.4f}{step:>11}{weight:>8.3f}")
     if summary.get("gate"):
         out.append(f"in-domain gate: {summary['gate']['anchors']} training queries as anchors; dev queries get "
                    f"{100 * summary['gate']['mean_on_dev']:.1f} % of the head")

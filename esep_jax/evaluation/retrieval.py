@@ -15,16 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _chunk_top_k(queries: jax.Array, blocks: jax.Array, num_documents: jax.Array, k: int):
+def _scan_top_k(queries: jax.Array, blocks: jax.Array, num_documents, k: int, offset=0):
+    """Running top-k of `queries` over corpus `blocks [nb, chunk, d]` whose first row is corpus row `offset`."""
     block_size = blocks.shape[1]
 
     def scan_block(carry, block_and_index):
         best_scores, best_rows = carry
         block, index = block_and_index
-        scores = jnp.einsum("qd,nd->qn", queries, block.astype(queries.dtype),
-                            preferred_element_type=jnp.float32)
-        rows = index * block_size + jnp.arange(block_size, dtype=jnp.int32)
+        scores = jnp.einsum("qd,nd->qn", queries.astype(block.dtype), block, preferred_element_type=jnp.float32)
+        rows = offset + index * block_size + jnp.arange(block_size, dtype=jnp.int32)
         scores = jnp.where(rows[None, :] < num_documents, scores, -jnp.inf)
         merged_scores = jnp.concatenate([best_scores, scores], axis=1)
         merged_rows = jnp.concatenate([best_rows, jnp.broadcast_to(rows, scores.shape)], axis=1)
@@ -36,6 +35,9 @@ def _chunk_top_k(queries: jax.Array, blocks: jax.Array, num_documents: jax.Array
     indices = jnp.arange(blocks.shape[0], dtype=jnp.int32)
     (scores, rows), _ = jax.lax.scan(scan_block, init, (blocks, indices))
     return rows, scores
+
+
+_chunk_top_k = jax.jit(_scan_top_k, static_argnames=("k",))
 
 
 class ExactIndex:
@@ -64,4 +66,80 @@ class ExactIndex:
             top_rows, top_scores = _chunk_top_k(chunk, self.blocks, self.num_documents, k)
             rows[start:start + valid] = np.asarray(top_rows[:valid])
             scores[start:start + valid] = np.asarray(top_scores[:valid])
+        return rows, scores
+
+
+def _to_host(array: jax.Array, multihost_utils) -> np.ndarray:
+    """A global result array as numpy on this process: the local copy when this process holds all of it (the
+    result is replicated over the corpus axis), else gathered from the processes that hold its pieces."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    local = array.addressable_shards[0].data
+    if local.shape == array.shape:
+        return np.asarray(local)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+class ShardedExactIndex:
+    """Exact top-k over a corpus sharded on a (data, corpus) mesh — the trainer's own `ShardedCorpus` rows — so
+    no process ever holds more than its corpus shard, for evaluation as for training.
+
+    Each device ranks its slice of a query chunk (split over `data`) against its corpus rows (split over
+    `corpus`); the per-shard top-k lists are gathered over `corpus` and merged (exact: the global top-k is within
+    the union of the shards' top-k); every process then receives the whole `[Q, k]` result.
+    """
+
+    def __init__(self, embeddings: jax.Array, num_documents: int, mesh, chunk: int):
+        """`embeddings`, `chunk`: a `ShardedCorpus`'s (its rows per shard are a multiple of its chunk)."""
+        from esep_jax.objectives.corpus_softmax import CORPUS, DATA
+
+        self.embeddings, self.num_documents, self.mesh, self.chunk = embeddings, int(num_documents), mesh, chunk
+        self.dim = int(embeddings.shape[1])
+        self._data, self._corpus = DATA, CORPUS
+        self._searches: dict[int, object] = {}
+
+    def _search_fn(self, k: int):
+        from jax.sharding import PartitionSpec as P
+
+        if k in self._searches:
+            return self._searches[k]
+        data, corpus_axis, num_documents, chunk = self._data, self._corpus, self.num_documents, self.chunk
+
+        def local(queries, rows):
+            # This device's rows, scanned block by block with a running top-k: memory O(queries · chunk).
+            blocks = rows.reshape(-1, min(chunk, rows.shape[0]), rows.shape[1])
+            offset = jax.lax.axis_index(corpus_axis) * rows.shape[0]
+            top_rows, top_scores = _scan_top_k(queries, blocks, num_documents, min(k, rows.shape[0]), offset)
+            # The shards' lists side by side, then the global top-k.
+            all_scores = jax.lax.all_gather(top_scores, corpus_axis, axis=1, tiled=True)
+            all_rows = jax.lax.all_gather(top_rows, corpus_axis, axis=1, tiled=True)
+            best, where = jax.lax.top_k(all_scores, k)
+            return jnp.take_along_axis(all_rows, where, axis=1), best
+
+        search = jax.jit(jax.shard_map(local, mesh=self.mesh, in_specs=(P(data), P(corpus_axis)),
+                                       out_specs=(P(data), P(data)), check_vma=False))
+        self._searches[k] = search
+        return search
+
+    def search(self, query_vectors, k: int, query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k corpus rows and scores for each query: int32 `[Q, k']`, float32 `[Q, k']`, k' = min(k, N)."""
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        k = min(k, self.num_documents)
+        search = self._search_fn(k)
+        data_size = self.mesh.shape[self._data]
+        chunk = -(-min(query_chunk, max(len(query_vectors), 1)) // data_size) * data_size
+        num_queries = query_vectors.shape[0]
+        rows = np.empty((num_queries, k), np.int32)
+        scores = np.empty((num_queries, k), np.float32)
+        sharding = NamedSharding(self.mesh, P(self._data))
+        for start in range(0, num_queries, chunk):
+            block = np.asarray(query_vectors[start:start + chunk], np.float32)
+            valid = block.shape[0]
+            block = np.pad(block, ((0, chunk - valid), (0, 0)))  # one shape for every call: one compilation
+            queries = jax.make_array_from_callback(block.shape, sharding, lambda index, b=block: b[index])
+            top_rows, top_scores = search(queries, self.embeddings)
+            rows[start:start + valid] = _to_host(top_rows, multihost_utils)[:valid]
+            scores[start:start + valid] = _to_host(top_scores, multihost_utils)[:valid]
         return rows, scores

@@ -69,6 +69,7 @@ class ShardedCorpus:
         if mask is not None:
             full_bias[:num_documents] = np.where(mask, full_bias[:num_documents], -np.inf)
         storage = np.dtype(dtype)
+        self.host_bytes_read = 0  # corpus bytes this process read (its own devices' rows only)
 
         def rows(index) -> np.ndarray:
             # Each device's block is read on its own, so the host never holds a padded copy of the corpus
@@ -80,6 +81,7 @@ class ShardedCorpus:
                 values = embeddings[start:real_stop]
                 values = values.read().result() if hasattr(values, "read") else values
                 block[:real_stop - start] = np.asarray(values).astype(storage)
+                self.host_bytes_read += block[:real_stop - start].nbytes
             return block
 
         sharding = NamedSharding(mesh, P(CORPUS))

@@ -67,7 +67,8 @@ def reader(workdir: Path | str) -> ocp.CheckpointManager:
     """A manager that only reads (`read_only`: it creates, cleans and deletes nothing)."""
     directory = checkpoint_directory(workdir)
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False)
-    return ocp.CheckpointManager(directory, options=options)
+    with _quiet_orbax():  # it warns that a read-only manager is read-only
+        return ocp.CheckpointManager(directory, options=options)
 
 
 def restore_verified(manager: ocp.CheckpointManager, step: int, abstract_state):

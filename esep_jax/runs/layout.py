@@ -3,7 +3,8 @@
     config.json       the resolved config (esep_jax.config), written before training starts
     run.json          the dataset it trains on: location, content fingerprint, dims (a rerun on other data is refused)
     metrics.jsonl     one JSON object per log step and per dev evaluation
-    events/           the same metrics as TensorBoard event files
+    events/           the same metrics as TensorBoard event files (`tensorboard --logdir WORKDIR/events`)
+    train_curves.png  loss and dev metric against step, per member (written when training ends)
     checkpoints/      orbax checkpoints of the whole train state, each with a digest of its contents
     selection.json    the members' combination weights and the in-domain gate (written when training ends)
     gate.safetensors  the gate's anchors (selection.py)

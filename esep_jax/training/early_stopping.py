@@ -29,13 +29,15 @@ class DevSelection:
     evaluation also reports the new-documents view: dev queries scored on their relevant documents that were
     never training positives (`evaluation/views.py`) — reported, not selected on."""
 
-    def __init__(self, config: Config, dataset: Dataset, dev_qrels: Qrels, corpus: np.ndarray, dtype,
-                 seen: np.ndarray | None = None):
+    def __init__(self, config: Config, dataset: Dataset, dev_qrels: Qrels, index, seen: np.ndarray | None = None,
+                 host_corpus: np.ndarray | None = None, dtype=np.float32):
+        """`index`: the corpus index dev retrieves from (an `ExactIndex`, or the trainer's `ShardedExactIndex`
+        over its own corpus shards); `host_corpus` is needed only for Matryoshka prefixes."""
         ec = config.eval
         self.metric, self.seen, self.relevance_level = config.train.select_metric, seen, ec.relevance_level
-        self.evaluator = SplitEvaluator(dataset, dev_qrels, ExactIndex(corpus, ec.corpus_chunk, dtype), top_k=ec.top_k,
-                                        query_chunk=ec.query_chunk, relevance_level=ec.relevance_level)
-        self.prefixes = [(k, SplitEvaluator(dataset, dev_qrels, ExactIndex(truncated_index_rows(corpus, k),
+        self.evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=ec.top_k, query_chunk=ec.query_chunk,
+                                        relevance_level=ec.relevance_level)
+        self.prefixes = [(k, SplitEvaluator(dataset, dev_qrels, ExactIndex(truncated_index_rows(host_corpus, k),
                                                                            ec.corpus_chunk, dtype),
                                             top_k=ec.top_k, query_chunk=ec.query_chunk,
                                             relevance_level=ec.relevance_level))

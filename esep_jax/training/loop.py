@@ -33,17 +33,19 @@ from esep_jax.objectives import CORPUS, PAIRED
 from esep_jax.objectives.corpus_softmax import DATA, ShardedCorpus
 from esep_jax.objectives.full_corpus import logit_adjustment
 from esep_jax.objectives.matryoshka import prefix_corpus
-from esep_jax.runs.layout import METRICS_FILE, SUMMARY_FILE
+from esep_jax.runs.layout import EVENTS_DIR, METRICS_FILE, SUMMARY_FILE
 from esep_jax.runs.selection import write_selection
 from esep_jax.runs.state import TrainState, run_components
 from esep_jax.data.loader import TrainBatches
 from esep_jax.data.signals import SignalSources, build_signals
+from esep_jax.evaluation.retrieval import ShardedExactIndex
 from esep_jax.training import faults
 from esep_jax.training.checkpointer import Checkpointer
+from esep_jax.training.curves import CURVES_FILE, plot_training_curves
 from esep_jax.training.early_stopping import DevSelection, record_evaluation
 from esep_jax.training.initialisers import fit_initial_map, initialise_params
 from esep_jax.training.metrics_log import MetricsLog
-from esep_jax.training.plan import TrainingPlan, plan_training
+from esep_jax.training.plan import TrainingPlan, batch_slice_of_process, plan_training
 from esep_jax.training.step import make_train_step
 from esep_jax.training.workdir import prepare_workdir, workdir_lock
 
@@ -80,6 +82,8 @@ class _Session:
     state: TrainState
     start: int
     base_dev: dict
+    corpus_bytes: int = 0  # corpus bytes this process read into memory (its shards, or all of it on the host)
+    last_dev: float = float("nan")  # the newest evaluation's best member score (for the progress bar)
 
 
 def _train(plan: TrainingPlan, workdir: Path, progress: bool, stop_at_step: int | None) -> dict:
@@ -104,10 +108,15 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
     config, dataset, mesh = plan.config, plan.dataset, plan.mesh
     tc = config.train
     replicated, corpus_dtype = NamedSharding(mesh, P()), (jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32)
-    host_corpus = dataset.read_corpus()  # read once: the train step's sharded copy, signals and the dev index
+    # The whole corpus on the host only where something needs it there (candidates gathered on the host,
+    # closed-form fits, Matryoshka prefixes); otherwise every process reads just its own corpus shard.
+    needs_host = bool(plan.signals & {"sampled_candidates", "teacher_candidates"}) or config.model.init != \
+        "identity" or bool(config.loss.matryoshka_dims)
+    host_corpus = dataset.read_corpus() if needs_host else None
     contrasted = _contrasted_documents(config, dataset, plan.train_qrels)
     dims = config.loss.matryoshka_dims
-    scored_corpus = prefix_corpus(host_corpus, dims) if dims else host_corpus
+    scored_corpus = prefix_corpus(host_corpus, dims) if dims else (host_corpus if needs_host else
+                                                                    dataset.corpus_table())
     tables: dict[str, Any] = {}
     if CORPUS in plan.tables:
         bias = (logit_adjustment(plan.train_qrels, dataset.num_documents, config.loss.logit_adjustment,
@@ -115,14 +124,22 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
                 if config.loss.logit_adjustment else None)
         corpus = ShardedCorpus(scored_corpus, mesh, tc.corpus_chunk, corpus_dtype, mask=contrasted, logit_bias=bias)
         tables[CORPUS] = (corpus.embeddings, corpus.logit_bias)
+    # Dev retrieves from the same device corpus (its shards), or from its own when the task scores prefixes.
+    if CORPUS not in plan.tables or dims:
+        corpus = ShardedCorpus(host_corpus if host_corpus is not None else dataset.corpus_table(), mesh,
+                               tc.corpus_chunk, corpus_dtype)
+    index = ShardedExactIndex(corpus.embeddings, dataset.num_documents, mesh, corpus.chunk)
+    corpus_bytes = corpus.host_bytes_read + (0 if host_corpus is None else host_corpus.nbytes)
     if PAIRED in plan.tables:
         tables[PAIRED] = _paired_tables(config, dataset, replicated)
+    # Which rows of each global batch this process loads (the same ones as its peers on the same data shards).
+    slice_index, slice_count = batch_slice_of_process(mesh)
     signals = build_signals(plan.signals, SignalSources(config, dataset, host_corpus, scored_corpus, contrasted,
-                                                        jax.process_count()))
+                                                        slice_count))
     batches = TrainBatches(dataset, plan.train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
                            seed=tc.seed, grade_weighting=config.loss.grade_weighting,
                            relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
-                           shard_index=jax.process_index(), shard_count=jax.process_count(), signals=signals)
+                           shard_index=slice_index, shard_count=slice_count, signals=signals)
     head, optimizer, schedule, fresh_state = run_components(config, dataset.query_dim, dataset.corpus_dim)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, plan.terms), donate_argnums=(0,))
     state = jax.device_put(fresh_state(), replicated)
@@ -132,14 +149,16 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
                      out_shardings=jax.tree.map(lambda leaf: leaf.sharding, state))
     seen = np.zeros(dataset.num_documents, bool)
     seen[plan.train_qrels.doc_rows[plan.train_qrels.grades >= config.eval.relevance_level]] = True
-    dev = DevSelection(config, dataset, plan.dev_qrels, host_corpus, corpus_dtype, seen=seen)
+    dev = DevSelection(config, dataset, plan.dev_qrels, index, seen=seen, host_corpus=host_corpus, dtype=corpus_dtype)
     checkpointer = Checkpointer(workdir, tc.keep_checkpoints)
     start, restored = checkpointer.resume(jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
         leaf.shape, leaf.dtype, sharding=leaf.sharding), state))
-    log = MetricsLog(workdir / METRICS_FILE, resume_step=int(start or 0), enabled=jax.process_index() == 0)
+    log = MetricsLog(workdir / METRICS_FILE, resume_step=int(start or 0), enabled=jax.process_index() == 0,
+                     events=workdir / EVENTS_DIR)
     session = _Session(plan=plan, workdir=workdir, train_step=train_step, record=record,
                        member_vectors=jax.jit(lambda params, queries: apply_members(head, params, queries)),
                        tables=tables, dev=dev, batches=batches, checkpointer=checkpointer, log=log,
+                       corpus_bytes=corpus_bytes,
                        state=state if restored is None else restored, start=int(start or 0),
                        base_dev=dev.base_metrics())
     if restored is None:  # a fresh run: its starting head is the first candidate (a resumed one has it recorded)
@@ -191,6 +210,7 @@ def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[
             if eval_due:
                 session.state = _evaluate(session, session.state, step)
                 stopped = bool(np.all(session.state.stopped))
+                shown["dev"] = f"{session.last_dev:.4f}"
                 shown["best"] = f"{float(np.max(session.state.best_score)):.4f}"
             bar.set_postfix(shown, refresh=False)
             if save_due or stopped:
@@ -226,6 +246,7 @@ def _evaluate(session: _Session, state: TrainState, step: int, record: bool = Tr
         score, metrics = session.dev.score(member_vectors)
         session.log.write(step, "dev", metrics if len(vectors) == 1 else {"member": member, **metrics})
         scores.append(score)
+    session.last_dev = max(scores)
     return session.record(state, np.asarray(scores, np.float32), np.int32(step)) if record else state
 
 
@@ -260,13 +281,25 @@ def _finish(session: _Session, step: int, stopped: bool, interrupted: bool) -> d
         "gate": None if gate is None else {**gate.describe(), "mean_on_dev": float(
             gate_weights(gate, dev.queries).mean())},
         "member_dev": [{name: m[name] for name in ("ndcg@10", "mrr@10", "recall@100")} for m in member_dev],
+        "corpus_bytes_per_process": _per_process(session.corpus_bytes),
     }
     if jax.process_index() == 0 and not interrupted:
         with storage_errors(f"the run's results in {session.workdir}"):
             write_selection(session.workdir, weights, gate)
+            plot_training_curves(session.workdir / METRICS_FILE, session.workdir / CURVES_FILE,
+                                 config.train.select_metric, best_steps)
             faults.before_summary()
             atomic_write_text(session.workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _per_process(value: int) -> list[int]:
+    """`value` of every process of the job, in process order (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in multihost_utils.process_allgather(np.asarray([value], np.int64), tiled=True)]
 
 
 def _calibrate_gate(plan: TrainingPlan):

@@ -1,6 +1,8 @@
-"""Metrics as JSON lines (`metrics.jsonl`), one object per logged step or evaluation.
+"""A run's metrics: JSON lines (`metrics.jsonl`, one object per logged step or evaluation) and the same scalars
+as TensorBoard event files (`events/`, tensorboardX).
 
-A resumed run first drops the lines of steps after its checkpoint, so the log reads as one uninterrupted run.
+A resumed run first drops the lines of steps after its checkpoint, so the log reads as one uninterrupted run;
+its event writer starts with a purge at that step, so TensorBoard drops the old run's later points as well.
 A line that does not parse (torn by a crash mid-write, or damaged later) is dropped with a warning naming it;
 lines are flushed and synced before every checkpoint, so a line from before a committed checkpoint survives
 a crash.
@@ -21,10 +23,12 @@ from esep_jax.errors import storage_errors
 class MetricsLog:
     """Append-only JSON-lines metrics, rewound on resume."""
 
-    def __init__(self, path: Path | str, resume_step: int = 0, enabled: bool = True):
-        """`enabled=False` (every process but 0 of a multi-process job) makes writes no-ops."""
+    def __init__(self, path: Path | str, resume_step: int = 0, enabled: bool = True, events: Path | None = None):
+        """`enabled=False` (every process but 0 of a multi-process job) makes writes no-ops; `events` is the
+        TensorBoard directory (None: no event files)."""
         self.path, self.enabled = Path(path), enabled
         self._handle = None
+        self._events = None
         self.kept: list[dict] = []  # the records kept from an earlier invocation (steps <= resume_step)
         if not enabled:
             return
@@ -43,6 +47,11 @@ class MetricsLog:
                         self.kept.append(json.loads(line))
                 atomic_write_text(self.path, "".join(line + "\n" for line in kept))
             self._handle = self.path.open("a", encoding="utf-8")
+            if events is not None:
+                from tensorboardX import SummaryWriter
+
+                self._events = SummaryWriter(str(events), purge_step=resume_step + 1 if resume_step else None,
+                                             flush_secs=30)
 
     def count(self, step: int, kind: str) -> int:
         """How many kept records of `kind` the log holds for `step`."""
@@ -70,12 +79,29 @@ class MetricsLog:
         with storage_errors(str(self.path)):
             self._handle.write(json.dumps(record) + "\n")
             self._handle.flush()
+        if self._events is not None:
+            self._scalars(f"{kind}/" + (f"member{values['member']}/" if "member" in values else ""), record, step)
+
+    def _scalars(self, prefix: str, values: dict, step: int) -> None:
+        for name, value in values.items():
+            if name in ("step", "kind", "member"):
+                continue
+            if isinstance(value, dict):
+                self._scalars(f"{prefix}{name}/", value, step)
+            elif isinstance(value, list):
+                for member, item in enumerate(value):
+                    if isinstance(item, (int, float)):
+                        self._events.add_scalar(f"{prefix}{name}/member{member}", item, step)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+                self._events.add_scalar(f"{prefix}{name}", value, step)
 
     def sync(self) -> None:
         """Makes every line written so far durable (called before a checkpoint is saved)."""
         if self._handle is not None:
             with storage_errors(str(self.path)):
                 os.fsync(self._handle.fileno())
+                if self._events is not None:
+                    self._events.flush()
 
     def close(self) -> None:
         if self._handle is not None:
@@ -84,6 +110,9 @@ class MetricsLog:
                 handle.flush()
                 os.fsync(handle.fileno())
                 handle.close()
+                if self._events is not None:
+                    self._events.close()
+                    self._events = None
 
 
 def _step_of(line: str) -> int | None:

@@ -74,10 +74,29 @@ def training_mesh(config: Config) -> Mesh:
     if per_step % mesh.shape[DATA]:
         raise InputError(f"{per_step} queries per (micro-)batch do not split over {mesh.shape[DATA]} data shards",
                          field="config.train.batch_size")
-    if tc.batch_size % jax.process_count():
-        raise InputError(f"batch size {tc.batch_size} does not split over {jax.process_count()} processes",
+    _, slices = batch_slice_of_process(mesh)
+    if tc.batch_size % slices:
+        raise InputError(f"batch size {tc.batch_size} does not split over {slices} processes' data shards",
                          field="config.train.batch_size")
     return mesh
+
+
+def batch_slice_of_process(mesh: Mesh) -> tuple[int, int]:
+    """(slice index, slice count): which equal slice of every global batch this process loads.
+
+    Batch rows are split over the mesh's `data` axis; a process loads the rows of the data shards its devices
+    hold. When the corpus axis spans processes, several processes hold the same data shards and load the same
+    rows (slice count < process count); every process's devices must cover an equal, contiguous run of data
+    shards.
+    """
+    data_axis = mesh.axis_names.index(DATA)
+    coordinates = np.argwhere(np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices))
+    mine = np.unique(coordinates[:, data_axis])
+    per_process = mine.size
+    if mine.size == 0 or np.any(np.diff(mine) != 1) or mine[0] % per_process or mesh.shape[DATA] % per_process:
+        raise InputError(f"this process's devices hold data shards {mine.tolist()} of {mesh.shape[DATA]}: "
+                         "not an equal contiguous run", field="config.train.corpus_shards")
+    return int(mine[0] // per_process), int(mesh.shape[DATA] // per_process)
 
 
 def _check_dataset_fields(config: Config, dataset: Dataset) -> None:
