@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from esep_jax.cli import main
 
 
@@ -41,3 +44,32 @@ def test_member_cost_is_measured_in_alternation():
     result = interleaved_member_cost(2000, 16, 64, 4, chunk=256, rounds=1)
     assert result["single_step_s"] > 0 and result["ensemble_step_s"] > 0
     assert result["per_member_cost"] == pytest.approx(result["ensemble_step_s"] / 4 / result["single_step_s"])
+
+
+def test_the_accelerator_script_runs_at_a_small_size_on_the_cpu(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "ESEP_NO_BOOTSTRAP": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    done = subprocess.run(["bash", str(REPO / "launch" / "accelerator_bench.sh"), "--corpus-size", "5000", "--dim",
+                           "32", "--batch", "256", "--steps", "1", "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["dtype"] == "bfloat16" and record["epoch_s"] == pytest.approx(
+        record["step_s"] * -(-502939 // 256)) and "one epoch over 502,939 queries" in done.stdout
+
+
+def test_time_to_head_and_host_benchmarks_run(synthetic_dataset, tmp_path, capsys):
+    from esep_jax.bench.end_to_end import host_and_device
+
+    result = host_and_device(synthetic_dataset, 64, steps=2)
+    assert result["host_s"] > 0 and result["device_s"] > 0 and result["host_fraction"] == pytest.approx(
+        result["host_s"] / result["device_s"])
+    assert main(["bench", "time-to-head", "--data", synthetic_dataset, "--rounds", "1",
+                 "--json", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "esep-jax" in out and "pytorch" in out and "speed-up" in out
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert record["esep_jax"]["dev_ndcg@10"] > 0 and record["pytorch"]["dev_ndcg@10"] > 0

@@ -20,6 +20,8 @@ from esep_jax.data.signals import BatchRows, BatchSignal, EpochStream
 from esep_jax.errors import InputError
 
 PADDING = -1
+# A query table up to this size is read into memory once; larger ones are streamed by rows from tensorstore.
+CACHE_QUERY_BYTES = 256 << 20
 
 
 class TrainBatches:
@@ -40,6 +42,9 @@ class TrainBatches:
         self.num_positives = int(min(max_positives, positives[1].max()))
         self._lengths, self._ids, self._weights, (self._long_slot, self._long_ids, self._long_weights) = _padded(
             positives, self.num_positives, np.random.default_rng([seed, 3]))
+        table = dataset.query_table()
+        self._cached = (dataset.read_queries(np.arange(table.shape[0])) if table.shape[0] * table.shape[1] * 4
+                        <= CACHE_QUERY_BYTES else None)
         # Stream 0 keeps its original seeding ([seed, epoch]), so batches equal those of earlier versions.
         self.stream = EpochStream(self.num_queries, batch_size, shard_count, seed=lambda epoch: [seed, epoch])
         self.signals = list(signals)
@@ -72,15 +77,19 @@ class TrainBatches:
         rows = self.query_rows[indices]
         ids, weights = self._positives_at(step, indices)
         context = BatchRows(step, self.shard_index, rows, ids, weights)
+        started = [signal.start(context) for signal in self.signals]
+        if self._cached is not None:
+            return self._cached[rows], ids, weights, started
         # Each distinct row is read once (a large batch of a small split repeats rows many times).
         unique, inverse = np.unique(rows, return_inverse=True)
-        return (self.dataset.query_table()[unique].read(), inverse, ids, weights,
-                [signal.start(context) for signal in self.signals])
+        return (self.dataset.query_table()[unique].read(), inverse), ids, weights, started
 
     def _finish(self, pending) -> dict[str, np.ndarray]:
-        queries, inverse, ids, weights, started = pending
-        batch = {"queries": queries.result().astype(np.float32)[inverse], "positive_ids": ids,
-                 "positive_weights": weights}
+        queries, ids, weights, started = pending
+        if isinstance(queries, tuple):  # an asynchronous read of the distinct rows
+            read, inverse = queries
+            queries = read.result().astype(np.float32)[inverse]
+        batch = {"queries": queries, "positive_ids": ids, "positive_weights": weights}
         for signal, signal_pending in zip(self.signals, started):
             batch.update(signal.finish(signal_pending))
         return batch

@@ -35,11 +35,14 @@ class DevSelection:
         over its own corpus shards); `host_corpus` is needed only for Matryoshka prefixes."""
         ec = config.eval
         self.metric, self.seen, self.relevance_level = config.train.select_metric, seen, ec.relevance_level
-        self.evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=ec.top_k, query_chunk=ec.query_chunk,
+        # Dev ranks only as deep as its metrics look (the selection metric, and the @10/@100 it reports): a
+        # top-100 is exact for them and much cheaper than the 1,000 of a test run.
+        depth = min(ec.top_k, max(100, int(self.metric.split("@")[1])))
+        self.evaluator = SplitEvaluator(dataset, dev_qrels, index, top_k=depth, query_chunk=ec.query_chunk,
                                         relevance_level=ec.relevance_level)
         self.prefixes = [(k, SplitEvaluator(dataset, dev_qrels, ExactIndex(truncated_index_rows(host_corpus, k),
                                                                            ec.corpus_chunk, dtype),
-                                            top_k=ec.top_k, query_chunk=ec.query_chunk,
+                                            top_k=depth, query_chunk=ec.query_chunk,
                                             relevance_level=ec.relevance_level))
                          for k in sorted(set(config.loss.matryoshka_dims))]
 

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,13 +83,27 @@ class _Session:
     state: TrainState
     start: int
     base_dev: dict
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds by part of the run (summary "timings")
     corpus_bytes: int = 0  # corpus bytes this process read into memory (its shards, or all of it on the host)
     last_dev: float = float("nan")  # the newest evaluation's best member score (for the progress bar)
 
 
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    """Adds the block's wall time to `timings[name]` (where a run's time goes: the summary's `timings`)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
 def _train(plan: TrainingPlan, workdir: Path, progress: bool, stop_at_step: int | None) -> dict:
+    started = time.perf_counter()
     prepare_workdir(workdir, plan.config, plan.dataset)
-    session = _set_up(plan, workdir)
+    timings: dict[str, float] = {}
+    with _timed(timings, "set_up_s"):
+        session = _set_up(plan, workdir, timings)
     try:
         step, stopped, interrupted = _loop(session, progress, stop_at_step)
     except BaseException:
@@ -98,12 +113,14 @@ def _train(plan: TrainingPlan, workdir: Path, progress: bool, stop_at_step: int 
         with contextlib.suppress(Exception):
             session.log.close()
         raise
-    session.checkpointer.close()
+    with _timed(timings, "checkpoint_s"):
+        session.checkpointer.close()
     session.log.close()
-    return _finish(session, step, stopped, interrupted)
+    with _timed(timings, "finish_s"):
+        return _finish(session, step, stopped, interrupted, started)
 
 
-def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
+def _set_up(plan: TrainingPlan, workdir: Path, timings: dict) -> _Session:
     """Places the corpus and tables, builds the step, restores or creates the state (with its step-0 record)."""
     config, dataset, mesh = plan.config, plan.dataset, plan.mesh
     tc = config.train
@@ -158,7 +175,7 @@ def _set_up(plan: TrainingPlan, workdir: Path) -> _Session:
     session = _Session(plan=plan, workdir=workdir, train_step=train_step, record=record,
                        member_vectors=jax.jit(lambda params, queries: apply_members(head, params, queries)),
                        tables=tables, dev=dev, batches=batches, checkpointer=checkpointer, log=log,
-                       corpus_bytes=corpus_bytes,
+                       corpus_bytes=corpus_bytes, timings=timings,
                        state=state if restored is None else restored, start=int(start or 0),
                        base_dev=dev.base_metrics())
     if restored is None:  # a fresh run: its starting head is the first candidate (a resumed one has it recorded)
@@ -185,18 +202,24 @@ def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[
     batch_sharding = NamedSharding(session.plan.mesh, P(DATA))
     # Early stopping is decided on the host at evaluations; mirroring it here keeps the hot loop sync-free.
     stopped = bool(np.all(session.state.stopped))
-    step, interrupted, sums, count = session.start, False, None, 0
+    step, interrupted, pending = session.start, False, []  # pending: metrics of the steps since the last log
     shown: dict[str, str] = {}
     bar = tqdm(total=tc.num_steps, initial=session.start, desc="train", unit="step", disable=not progress,
                leave=False)
+    timings = session.timings
+    batches = session.batches.iterate(session.start, session.start if stopped else tc.num_steps)
     with _StopRequest() as stop:
-        for step_index, local_batch in session.batches.iterate(session.start, session.start if stopped
-                                                                else tc.num_steps):
-            batch = {name: jax.make_array_from_process_local_data(batch_sharding, values)
-                     for name, values in local_batch.items()}
-            session.state, metrics = session.train_step(session.state, batch, session.tables)
-            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            count += 1
+        while True:
+            with _timed(timings, "host_batches_s"):  # loading and placing batches: host time
+                step_index, local_batch = next(batches, (None, None))
+                if step_index is None:
+                    break
+                batch = _place(local_batch, batch_sharding)
+            with _timed(timings, "first_step_s" if step_index == session.start else "steps_s"):
+                session.state, metrics = session.train_step(session.state, batch, session.tables)
+                if step_index == session.start:
+                    jax.block_until_ready(metrics)  # the first call compiles: measured on its own
+            pending.append(metrics)  # no device op per step: summed on the host at the next log step
             step = step_index + 1
             bar.update(1)
             halt = stop.requested or step == stop_at_step or step == tc.num_steps
@@ -204,17 +227,20 @@ def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[
             save_due = eval_due or halt or step % tc.checkpoint_every == 0
             # Metrics are fetched only at log steps — and before every save, so no checkpoint holds NaNs.
             if step % tc.log_every == 0 or save_due:
-                means = _check_and_log(session, step, sums, count)
+                with _timed(timings, "steps_s"):  # the fetch waits for the steps dispatched since the last one
+                    means = _check_and_log(session, step, pending)
                 shown["loss"] = f"{means['loss']:.4f}"
-                sums, count = None, 0
+                pending = []
             if eval_due:
-                session.state = _evaluate(session, session.state, step)
+                with _timed(timings, "dev_evaluation_s"):
+                    session.state = _evaluate(session, session.state, step)
                 stopped = bool(np.all(session.state.stopped))
                 shown["dev"] = f"{session.last_dev:.4f}"
                 shown["best"] = f"{float(np.max(session.state.best_score)):.4f}"
             bar.set_postfix(shown, refresh=False)
             if save_due or stopped:
-                _save(session, step)
+                with _timed(timings, "checkpoint_s"):
+                    _save(session, step)
             if halt or stopped:
                 interrupted = not stopped and step < tc.num_steps
                 break
@@ -222,11 +248,21 @@ def _loop(session: _Session, progress: bool, stop_at_step: int | None) -> tuple[
     return step, stopped, interrupted
 
 
-def _check_and_log(session: _Session, step: int, sums: dict, count: int) -> dict:
+def _place(local_batch: dict, sharding: NamedSharding) -> dict:
+    """This process's batch rows as global arrays split over the data axis (one transfer for the whole batch on
+    a single process)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local_batch, sharding)
+    return {name: jax.make_array_from_process_local_data(sharding, values) for name, values in local_batch.items()}
+
+
+def _check_and_log(session: _Session, step: int, pending: list[dict]) -> dict:
     """Means of the metrics since the last log step; a non-finite loss or parameter stops training."""
-    per_member = {name: np.asarray(value) for name, value in sums.items()}
+    count = len(pending)
+    fetched = jax.device_get(pending)  # one transfer for every step's metrics
+    per_member = {name: np.sum([np.asarray(m[name], np.float64) for m in fetched], axis=0) for name in fetched[0]}
     nonfinite_params = per_member.pop("nonfinite_params").sum()
-    per_member = {name: value / count for name, value in per_member.items()}
+    per_member = {name: (value / count).astype(np.float32) for name, value in per_member.items()}
     if not (np.isfinite(per_member["loss"]).all() and nonfinite_params == 0):
         what = "loss" if not np.isfinite(per_member["loss"]).all() else "parameters"
         raise TrainingError(f"non-finite {what} between steps {step - count + 1} and {step}; the last good "
@@ -256,7 +292,7 @@ def _save(session: _Session, step: int) -> None:
     faults.after_checkpoint(step, session.checkpointer)
 
 
-def _finish(session: _Session, step: int, stopped: bool, interrupted: bool) -> dict:
+def _finish(session: _Session, step: int, stopped: bool, interrupted: bool, started: float) -> dict:
     """Combines the members on dev, calibrates the gate, compares the head with the identity on every dev view
     and, unless interrupted, writes the selection (`selection.json`, `gate.safetensors`) then `summary.json`."""
     plan, dev, state = session.plan, session.dev, session.state
@@ -283,6 +319,8 @@ def _finish(session: _Session, step: int, stopped: bool, interrupted: bool) -> d
         "member_dev": [{name: m[name] for name in ("ndcg@10", "mrr@10", "recall@100")} for m in member_dev],
         "corpus_bytes_per_process": _per_process(session.corpus_bytes),
     }
+    session.timings["total_s"] = time.perf_counter() - started  # up to here: what the user waits for
+    summary["timings"] = {name: round(value, 3) for name, value in session.timings.items()}
     if jax.process_index() == 0 and not interrupted:
         with storage_errors(f"the run's results in {session.workdir}"):
             write_selection(session.workdir, weights, gate)
