@@ -73,3 +73,17 @@ def test_time_to_head_and_host_benchmarks_run(synthetic_dataset, tmp_path, capsy
     assert "esep-jax" in out and "pytorch" in out and "speed-up" in out
     record = json.loads((tmp_path / "t.json").read_text())
     assert record["esep_jax"]["dev_ndcg@10"] > 0 and record["pytorch"]["dev_ndcg@10"] > 0
+
+
+def test_bench_scale_writes_a_synthetic_corpus_block_by_block_then_steps_and_evaluates(tmp_path, capsys):
+    from esep_jax.data.dataset import Dataset
+
+    out = tmp_path / "synthetic"
+    assert main(["bench", "scale", "--out", str(out), "--corpus-size", "70000", "--dim", "16", "--queries", "300",
+                 "--batch", "128", "--json", str(tmp_path / "s.json")]) == 0
+    dataset = Dataset(str(out))
+    assert dataset.num_documents == 70000 and dataset.manifest["corpus"]["dtype"] == "bfloat16"
+    assert dataset.table("corpus/embeddings").chunk_layout.read_chunk.shape[0] < 70000  # chunked, streamed
+    record = json.loads((tmp_path / "s.json").read_text())
+    assert record["step_s"] > 0 and record["eval_queries"] == 30 and 0 <= record["eval_recall@100"] <= 1
+    assert "exact evaluation of 30 queries" in capsys.readouterr().out

@@ -46,7 +46,7 @@ from esep_jax.training.curves import CURVES_FILE, plot_training_curves
 from esep_jax.training.early_stopping import DevSelection, record_evaluation
 from esep_jax.training.initialisers import fit_initial_map, initialise_params
 from esep_jax.training.metrics_log import MetricsLog
-from esep_jax.training.plan import TrainingPlan, batch_slice_of_process, plan_training
+from esep_jax.training.plan import TrainingPlan, batch_slice_of_process, needs_host_corpus, plan_training
 from esep_jax.training.step import make_train_step
 from esep_jax.training.workdir import prepare_workdir, workdir_lock
 
@@ -127,8 +127,7 @@ def _set_up(plan: TrainingPlan, workdir: Path, timings: dict) -> _Session:
     replicated, corpus_dtype = NamedSharding(mesh, P()), (jnp.bfloat16 if tc.corpus_dtype == "bfloat16" else jnp.float32)
     # The whole corpus on the host only where something needs it there (candidates gathered on the host,
     # closed-form fits, Matryoshka prefixes); otherwise every process reads just its own corpus shard.
-    needs_host = bool(plan.signals & {"sampled_candidates", "teacher_candidates"}) or config.model.init != \
-        "identity" or bool(config.loss.matryoshka_dims)
+    needs_host = needs_host_corpus(config, plan.signals)
     host_corpus = dataset.read_corpus() if needs_host else None
     contrasted = _contrasted_documents(config, dataset, plan.train_qrels)
     dims = config.loss.matryoshka_dims

@@ -45,11 +45,16 @@ def activation_count(head, query_dim: int) -> int:
 
 
 def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_dim: int, num_documents: int,
-             num_positives: int, dev_queries: int, corpus_on_device: bool, signals: frozenset[str]) -> dict:
-    """Estimated bytes by part (device and host) and in total."""
+             num_positives: int, dev_queries: int, corpus_on_device: bool, signals: frozenset[str],
+             host_corpus: bool) -> dict:
+    """Estimated bytes by part (device and host) and in total, for this machine's share of the corpus (all of it
+    on one host; a host of a multi-host job holds its corpus shards only)."""
     tc, members = config.train, config.ensemble.members
     corpus_bytes = 2 if tc.corpus_dtype == "bfloat16" else 4
     micro = tc.micro_batch_size or tc.batch_size
+    local_documents = -(-num_documents // max(1, min(jax.process_count(), tc.corpus_shards)))
+    # Dev retrieves from the training corpus's own device arrays unless the task scores Matryoshka prefixes.
+    separate_index = not corpus_on_device or scored_dim != corpus_dim
     activations = activation_count(head, query_dim)
     parts = {
         # params, Adam's two moments and the best params [E, ...] float32; the update's gradients, moments and
@@ -57,8 +62,8 @@ def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_di
         "train state": 10 * 4 * members * parameter_count(head, query_dim),
         # every layer's output, kept for the backward pass (and its gradient), per member and query
         "head activations": 3 * 4 * micro * members * activations,
-        "corpus on device": num_documents * scored_dim * corpus_bytes if corpus_on_device else 0,
-        "evaluation index": 4 * num_documents * corpus_dim,
+        "corpus on device": local_documents * scored_dim * corpus_bytes if corpus_on_device else 0,
+        "evaluation index": local_documents * corpus_dim * corpus_bytes if separate_index else 0,
         # queries and positives (ids and weights), twice for the read-ahead and the device copy
         "batch": 2 * tc.batch_size * (4 * query_dim + 8 * num_positives),
         # the scan's scores/probabilities [b·E, chunk] and its running sums [b·E, d], a few of each live at once
@@ -66,7 +71,9 @@ def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_di
         if corpus_on_device else 0,
         "dev evaluation": 4 * dev_queries * members * (corpus_dim + activations)
         + 4 * config.eval.query_chunk * min(config.eval.corpus_chunk, num_documents) * 3,
-        "host corpus": 4 * num_documents * corpus_dim,
+        "host corpus": 4 * num_documents * corpus_dim if host_corpus else 0,
+        # placing the corpus: one device's rows at a time pass through the host before they reach the device
+        "corpus placement": local_documents * scored_dim * corpus_bytes // max(1, jax.local_device_count()),
     }
     if "sampled_candidates" in signals:
         candidates = num_positives + 32 + config.loss.random_negatives

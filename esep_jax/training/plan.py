@@ -120,6 +120,13 @@ def _check_dataset_fields(config: Config, dataset: Dataset) -> None:
         raise InputError("mean_shift needs equal query and corpus dims", field="config.model.init")
 
 
+def needs_host_corpus(config: Config, signals: frozenset[str]) -> bool:
+    """Whether a run needs the whole corpus in host memory: candidates gathered on the host, a closed-form fit,
+    Matryoshka prefixes. Otherwise every process reads only its own corpus shard from tensorstore."""
+    return bool(signals & {"sampled_candidates", "teacher_candidates"}) or config.model.init != "identity" or \
+        bool(config.loss.matryoshka_dims)
+
+
 def plan_training(config: Config, data: str) -> TrainingPlan:
     """Checks a run of `config` on `data` end to end without writing anything; see the module docstring."""
     dataset = Dataset(data)
@@ -140,7 +147,7 @@ def plan_training(config: Config, data: str) -> TrainingPlan:
         config, head=head, query_dim=dataset.query_dim, corpus_dim=dataset.corpus_dim, scored_dim=scored_dim,
         num_documents=dataset.num_documents, num_positives=min(config.loss.max_positives, max_positives),
         dev_queries=dev_qrels.num_queries, corpus_on_device=CORPUS in needed_tables(terms),
-        signals=needed_signals(terms))
+        signals=needed_signals(terms), host_corpus=needs_host_corpus(config, needed_signals(terms)))
     memory.check_fits(estimate, config)
     return TrainingPlan(config=config, dataset=dataset, train_qrels=train_qrels, dev_qrels=dev_qrels,
                         dev_name=dev_name, held_out_documents=held_out, terms=terms, mesh=mesh, memory=estimate)
