@@ -12,7 +12,7 @@ esep-jax ingest --corpus "$demo/minilm/corpus.npy" --corpus-ids "$demo/minilm/co
   --queries "$demo/minilm/queries.npy" --query-ids "$demo/minilm/queries_ids.txt" \
   --qrels "train=$demo/qrels/train.tsv" --qrels "dev=$demo/qrels/dev.tsv" --qrels "test=$demo/qrels/test.tsv" \
   --encoder all-MiniLM-L6-v2 --name pystdlib --out "$out/dataset" --overwrite
-esep-jax train --data "$out/dataset" --workdir "$out/workdir" --config configs/demo.py "$@"
+esep-jax train --data "$out/dataset" --workdir "$out/workdir" "$@"   # the defaults, as for any dataset
 esep-jax eval --data "$out/dataset" --split test --workdir "$out/workdir" --json "$out/test_metrics.json" \
   --run "$out/test.run"
-echo "metrics: $out/test_metrics.json, per-step log: $out/workdir/metrics.jsonl"
+echo "metrics: $out/test_metrics.json; per-step log: $out/workdir/metrics.jsonl; curves: $out/workdir/train_curves.png"

@@ -15,7 +15,6 @@ import pytest
 
 from esep_jax.config import Config, override
 from esep_jax.objectives.corpus_softmax import ShardedCorpus, make_data_corpus_mesh
-from esep_jax.heads import build_head
 from esep_jax.objectives import build_terms
 from esep_jax.runs.state import run_components
 from esep_jax.training.step import make_train_step

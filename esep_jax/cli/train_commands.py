@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from esep_jax.cli.common import int_list
-from esep_jax.errors import InputError
 
 
 def _add_train(subparsers) -> None:

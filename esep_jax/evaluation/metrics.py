@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from esep_jax.config.schema import CUTOFFS as DEFAULT_CUTOFFS, MEASURES
+from esep_jax.config.schema import CUTOFFS as DEFAULT_CUTOFFS
 from esep_jax.data.dataset import Qrels
 
 

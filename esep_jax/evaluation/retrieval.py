@@ -8,7 +8,6 @@ O(query_chunk · corpus_chunk) beyond the corpus, and the host only ever sees `[
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
