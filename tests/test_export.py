@@ -192,3 +192,27 @@ def test_search_cli_text_without_the_encoder_extra_is_one_clear_line(demo_run, c
     assert main(["search", "--bundle", str(demo_run["bundle"]), "--text", "anything"]) == 2
     err = capsys.readouterr().err.strip()
     assert "pip install 'esep-jax[encoder]'" in err and len(err.splitlines()) == 1
+
+
+def test_corpus_text_whose_ids_do_not_match_is_one_clean_error_leaving_nothing(demo_run, tmp_path, capsys):
+    import gzip
+
+    lines = gzip.open(DEMO / "corpus.jsonl.gz", "rt", encoding="utf-8").read().splitlines()
+    out = tmp_path / "bundle"
+    base = ["export", "--workdir", demo_run["workdir"], "--out", str(out)]
+    cases = []
+    renamed = list(lines)
+    renamed[4] = json.dumps({**json.loads(renamed[4]), "_id": "doc:not.in.the.dataset"})
+    cases.append((renamed, "line 5: _id: id 'doc:not.in.the.dataset' is not a corpus id of the dataset"))
+    first_id = json.loads(lines[0])["_id"]
+    cases.append((lines[1:], f"1 of the dataset's 6910 corpus ids have no text here (first: {first_id!r})"))
+    capsys.readouterr()
+    for n, (content, message) in enumerate(cases):
+        corpus = tmp_path / f"corpus{n}.jsonl"
+        corpus.write_text("\n".join(content) + "\n", encoding="utf-8")
+        assert main([*base, "--corpus-text", str(corpus), "--bm25"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"esep-jax: error: {corpus}: {message}") and len(err.splitlines()) == 1
+    assert main([*base, "--bm25"]) == 2
+    assert "--bm25: needs --corpus-text" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus0.jsonl", "corpus1.jsonl"]  # nothing else left

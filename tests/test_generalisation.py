@@ -127,6 +127,7 @@ def test_a_head_that_favours_training_positives_is_flagged_on_the_new_documents_
     """DevSelection on real dev data: query vectors pulled towards the training positives lose on the documents
     held out of training, and the paired harm test says so; the base itself is never flagged."""
     from esep_jax.config import Config
+    from esep_jax.evaluation.retrieval import ExactIndex
     from esep_jax.evaluation.views import hold_out_documents
     from esep_jax.training.early_stopping import DevSelection
 
@@ -135,7 +136,7 @@ def test_a_head_that_favours_training_positives_is_flagged_on_the_new_documents_
     seen = np.zeros(dataset.num_documents, bool)
     seen[train.doc_rows] = True
     corpus = dataset.read_corpus()
-    dev = DevSelection(Config(), dataset, dataset.qrels("dev"), corpus, np.float32, seen=seen)
+    dev = DevSelection(Config(), dataset, dataset.qrels("dev"), ExactIndex(corpus), seen=seen)
     base = dev.evaluator.base_vectors()
     prior = corpus[seen].mean(axis=0)
     biased = base + 3.0 * prior / np.linalg.norm(prior)

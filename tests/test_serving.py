@@ -12,7 +12,7 @@ import pytest
 
 from esep_jax.cli import main
 from esep_jax.export import scann_index
-from esep_jax.serving import BundleError, QueryError, Searcher
+from esep_jax.serving import BundleError, ChecksumError, QueryError, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--config.train.num_steps=10", "--config.train.eval_every=10", "--config.train.batch_size=32",
@@ -257,3 +257,142 @@ def test_search_piped_into_a_closed_reader_ends_quietly(bundles, queries, tmp_pa
     search.stdout.close()
     _, stderr = search.communicate(timeout=120)
     assert search.returncode == 0 and b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud ember frost "
+         "meadow harbor lantern signal vector matrix kernel socket thread buffer").split()
+
+
+def synthetic_texts(num_docs: int = 400, seed: int = 0) -> dict[str, dict]:
+    """A title and a text of a few words per synthetic corpus id (d0 … d399), for document stores and BM25."""
+    rng = np.random.default_rng(seed)
+    return {f"d{i}": {"title": f"Document {i}", "text": " ".join(rng.choice(WORDS, 8)) + f"\nline two of d{i}"}
+            for i in range(num_docs)}
+
+
+@pytest.fixture(scope="module")
+def text_bundle(bundles, tmp_path_factory) -> tuple[Path, dict]:
+    """A bundle of the same run with a document store and a BM25 index (corpus file in another order)."""
+    root = tmp_path_factory.mktemp("text-bundle")
+    texts = synthetic_texts()
+    corpus = root / "corpus.jsonl"
+    order = np.random.default_rng(1).permutation(len(texts))
+    ids = list(texts)
+    corpus.write_text("".join(json.dumps({"_id": ids[i], **texts[ids[i]]}) + "\n" for i in order))
+    out = root / "bundle"
+    assert main(["export", "--workdir", str(bundles["auto"].parent / "run"), "--out", str(out),
+                 "--corpus-text", str(corpus), "--bm25"]) == 0
+    return out, texts
+
+
+def test_documents_returned_match_the_corpus(text_bundle, bundles, queries, tmp_path, capsys):
+    bundle, texts = text_bundle
+    searcher = Searcher.load(bundle)
+    assert searcher.has_documents and searcher.has_bm25
+    manifest = searcher.manifest
+    assert {"documents.jsonl", "documents.offsets.npy", "bm25/data.csc.index.npy", "bm25/vocab.index.json"} <= set(
+        manifest["files"])
+    assert manifest["documents"]["count"] == 400 and manifest["bm25"]["library"] == "bm25s"
+    ids, _ = searcher.search(queries, 5)
+    rows, _ = searcher.search_rows(queries, 5)
+    documents = searcher.documents(rows)
+    assert documents == [texts[doc] for doc in ids.reshape(-1)]
+    np.save(tmp_path / "q.npy", queries[:2])
+    capsys.readouterr()
+    assert main(["search", "--bundle", str(bundle), "--queries", str(tmp_path / "q.npy"), "--k", "3",
+                 "--with-documents"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [hit["document"] for hit in out["queries"][1]["results"]] == [texts[doc] for doc in ids[1, :3]]
+    assert main(["search", "--bundle", str(bundles["auto"]), "--queries", str(tmp_path / "q.npy"),
+                 "--with-documents"]) == 2
+    assert "--with-documents: the bundle stores no documents" in capsys.readouterr().err
+
+
+def test_a_tampered_document_store_is_refused(text_bundle, tmp_path):
+    import shutil
+
+    for name in ("documents.jsonl", "documents.offsets.npy", "bm25/data.csc.index.npy"):
+        bundle = tmp_path / name.replace("/", "-")
+        shutil.copytree(text_bundle[0], bundle)
+        data = bytearray((bundle / name).read_bytes())
+        data[-3] ^= 1  # one bit, same length: only the checksum can tell
+        (bundle / name).write_bytes(bytes(data))
+        with pytest.raises(ChecksumError, match=f"{name}: sha256 differs from manifest.json"):
+            Searcher.load(bundle)
+    # With checksums skipped, a record that is not its row's document is still never handed out.
+    bundle = tmp_path / "swapped"
+    shutil.copytree(text_bundle[0], bundle)
+    path = bundle / "documents.jsonl"
+    path.write_bytes(path.read_bytes().replace(b'"id": "d0"', b'"id": "d9"', 1))
+    searcher = Searcher.load(bundle, verify_checksums=False)
+    with pytest.raises(BundleError, match="documents.jsonl: record 0 is not the document 'd0'"):
+        searcher.documents([0])
+    assert searcher.documents([1, -1]) == [text_bundle[1]["d1"], None]
+
+
+def test_hybrid_search_is_rrf_of_the_dense_and_bm25_lists(text_bundle, bundles, queries, tmp_path, capsys):
+    from esep_jax.evaluation.fusion import reciprocal_rank_fusion
+    from esep_jax.serving import Fusion
+
+    bundle, texts = text_bundle
+    searcher = Searcher.load(bundle)
+    words = [" ".join(texts[f"d{3 * i}"]["text"].split()[:3]) for i in range(len(queries))]
+    fusion = Fusion(k_rrf=20, dense_weight=1.0, bm25_weight=0.7, depth=30)
+    ids, scores = searcher.search(queries, 10, hybrid=fusion, query_texts=words)
+    dense, _ = searcher.search(queries, 30)
+    lexical, _ = searcher.search_bm25(words, 30)
+    for q in range(len(queries)):
+        expected = reciprocal_rank_fusion([dense[q].tolist(), [d for d in lexical[q] if d is not None]],
+                                          [1.0, 0.7], 20)[:10]
+        assert ids[q].tolist() == [doc for doc, _ in expected]
+        np.testing.assert_allclose(scores[q], [s for _, s in expected], rtol=1e-6)
+    assert f"d{0}" in lexical[0].tolist()  # the words come from d0: BM25 finds it
+    with pytest.raises(QueryError, match="the bundle has no BM25 index"):
+        Searcher.load(bundles["auto"]).search(queries, 5, hybrid=True, query_texts=words)
+    with pytest.raises(QueryError, match="3 query texts for 20 query embeddings"):
+        searcher.search(queries, 5, hybrid=True, query_texts=words[:3])
+    capsys.readouterr()
+    assert main(["search", "--bundle", str(bundle), "--text", words[0], "--text", words[1], "--bm25-only",
+                 "--k", "4", "--format", "trec"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [line[2] for line in lines[:4]] == [d for d in lexical[0, :4]] and lines[0][5] == "esep_jax-bm25"
+
+
+def test_hybrid_search_and_documents_need_no_jax(text_bundle, queries, tmp_path):
+    np.save(tmp_path / "q.npy", queries[:2])
+    script = BLOCK_HEAVY_IMPORTS + f"""
+import json
+import numpy as np
+from esep_jax.serving import Searcher
+searcher = Searcher.load({str(text_bundle[0])!r})
+ids, _ = searcher.search(np.load({str(tmp_path / 'q.npy')!r}), 3, hybrid=True, query_texts=["alpha beta", "frost"])
+rows, _ = searcher.search_rows(np.load({str(tmp_path / 'q.npy')!r}), 3)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "tensorstore", "orbax", "bm25s"))
+print(json.dumps({{"ids": ids.tolist(), "documents": searcher.documents(rows), "heavy": heavy}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["heavy"] == [] and len(payload["documents"]) == 6  # bm25s itself is not needed to serve
+    expected, _ = Searcher.load(text_bundle[0]).search(queries[:2], 3, hybrid=True, query_texts=["alpha beta", "frost"])
+    assert payload["ids"] == expected.tolist()
+
+
+def test_without_pystemmer_a_bm25_bundle_still_serves_dense_and_says_why_hybrid_cannot(text_bundle, queries,
+                                                                                          tmp_path):
+    np.save(tmp_path / "q.npy", queries[:2])
+    script = BLOCK_HEAVY_IMPORTS.replace('"optax")', '"optax", "Stemmer")') + f"""
+import numpy as np
+from esep_jax.serving import QueryError, Searcher
+searcher = Searcher.load({str(text_bundle[0])!r})
+queries = np.load({str(tmp_path / 'q.npy')!r})
+print(searcher.search(queries, 3)[0].shape, searcher.has_bm25)
+try:
+    searcher.search(queries, 3, hybrid=True, query_texts=["alpha", "beta"])
+except QueryError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["(2, 3) False",
+                                          "BM25 queries need PyStemmer: pip install 'esep-jax[hybrid]'"]

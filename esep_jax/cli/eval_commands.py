@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from esep_jax.cli.common import int_list
 from esep_jax.errors import InputError
@@ -26,6 +25,12 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("--dims", type=int_list, default=None, metavar="K,K,...",
                         help="also evaluate against the index truncated to these prefix sizes (default: a "
                              "Matryoshka run's loss.matryoshka_dims)")
+    parser.add_argument("--fuse", default=None, metavar="RUN.trec",
+                        help="also report this TREC run (e.g. BM25) alone and fused with the evaluated system by "
+                             "reciprocal-rank fusion")
+    parser.add_argument("--fuse-weight", type=float, default=1.0, help="the --fuse run's RRF weight (system: 1)")
+    parser.add_argument("--fuse-k", type=float, default=60.0, help="RRF's k: score = sum of w / (k + rank)")
+    parser.add_argument("--fuse-depth", type=int, default=100, help="results of each run that are fused")
     parser.set_defaults(handler=_run_eval)
 
 
@@ -34,8 +39,12 @@ def _run_eval(args) -> int:
 
     if len(args.data) > 1 and args.run_file:
         raise InputError("--run writes one dataset's run: give one --data", field="--run")
+    if len(args.data) > 1 and args.fuse:
+        raise InputError("a run file belongs to one dataset: give one --data", field="--fuse")
+    fusion = {"fuse": args.fuse, "fuse_weight": args.fuse_weight, "fuse_k": args.fuse_k,
+              "fuse_depth": args.fuse_depth} if args.fuse else {}
     results = evaluate_targets(args.data, args.split, workdir=args.workdir, run_path=args.run_file,
-                               prefix_dims=args.dims)
+                               prefix_dims=args.dims, **fusion)
     print(format_table(results[0]) if len(results) == 1 else format_report(results))
     if args.json:
         write_json(results[0] if len(results) == 1 else {"results": results}, args.json)

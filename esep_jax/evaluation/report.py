@@ -22,7 +22,8 @@ HEADLINE = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 def evaluate_split(data: str, split: str, workdir: str | None = None, eval_config: EvalConfig | None = None,
                    run_path: str | None = None, prefix_dims: list[int] | None = None,
-                   run: TrainedRun | None = None) -> dict:
+                   run: TrainedRun | None = None, fuse: str | None = None, fuse_weight: float = 1.0,
+                   fuse_k: float = 60.0, fuse_depth: int = 100) -> dict:
     """Metrics of the base retrieval and (with `workdir` or a loaded `run`) of the run's head on `split`.
 
     The top-level metrics are those of the head when one is given, else of the base; both systems are
@@ -32,6 +33,9 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
     dataset is another than the run was trained on; `gate`, the mean share of the head the queries got. With
     `run_path`, the evaluated system's run is written in TREC format. `prefix_dims` (default: a Matryoshka run's
     `loss.matryoshka_dims`) adds `prefixes`: every system against truncated indexes (`prefix_results`).
+    With `fuse` (a TREC run file), `fusion` holds that run's metrics alone and fused with the evaluated system's
+    run by RRF (`esep_jax.evaluation.fusion.fuse_with_run`: weight `fuse_weight`, k `fuse_k`, lists cut to
+    `fuse_depth`).
     """
     dataset = Dataset(data)
     if run is None and workdir is not None:
@@ -78,6 +82,11 @@ def evaluate_split(data: str, split: str, workdir: str | None = None, eval_confi
         result["subsets"] = subsets
     if prefix_dims:
         result["prefixes"] = prefix_results(evaluator, corpus, head_vectors, prefix_dims, eval_config.corpus_chunk)
+    if fuse:
+        from esep_jax.evaluation.fusion import fuse_with_run
+
+        result["fusion"] = {"with": "head" if run is not None else "base",
+                            **fuse_with_run(evaluator, final, fuse, fuse_weight, fuse_k, fuse_depth)}
     if run_path:
         evaluator.write_trec_run(final, run_path, "esep_jax-head" if run is not None else "esep_jax-base")
     return result
@@ -152,7 +161,22 @@ def format_table(result: dict, names=HEADLINE) -> str:
         lines.append(f"{line}   {subset}: {entry['queries']} queries, counting only {SUBSET_MEANING[subset]}")
     if "gate" in result:
         lines.append(f"the in-domain gate gave these queries {100 * result['gate']:.1f} % of the head on average")
+    if "fusion" in result:
+        lines += format_fusion(result["fusion"], result[result["fusion"]["with"]], names)
     return "\n".join(lines)
+
+
+def format_fusion(fusion: dict, system: dict, names=HEADLINE) -> list[str]:
+    """The fused section of `format_table`: the run file alone, fused with the system, and the gain."""
+    with_system = fusion["with"]
+    lines = [f"fused: {with_system} + {fusion['run']} by RRF (k={fusion['k']:g}, weights 1 : {fusion['weight']:g}, "
+             f"top {fusion['depth']} of each; the run holds {fusion['queries_in_run']} of these queries)",
+             f"{'metric':<12}{'run':>9}{'fused':>9}{'delta':>9}   (delta: fused - {with_system})"]
+    for name in names:
+        if name in fusion["fused"]:
+            lines.append(f"{name:<12}{fusion['run_alone'][name]:>9.4f}{fusion['fused'][name]:>9.4f}"
+                         f"{fusion['fused'][name] - system[name]:>+9.4f}")
+    return lines
 
 
 SUBSET_MEANING = {"new_documents": "the documents held out as added after training",

@@ -8,6 +8,10 @@ JAX-free serving path and checked:
   send: dev queries through the head, topped up with training queries) — never on test queries, which export
   does not read;
 - the metrics recorded in the manifest (on dev) include those of retrieval through the bundle itself.
+
+With `corpus_text` (a BEIR corpus.jsonl holding exactly the dataset's corpus ids) the bundle also stores each
+document's title and text (`esep_jax.serving.documents`), and with `bm25` a BM25 index over them for hybrid
+search (`esep_jax.serving.hybrid`); both are checked and checksummed like the rest.
 """
 
 from __future__ import annotations
@@ -102,6 +106,36 @@ def _bundle_metrics(searcher, dataset, split: str, relevance_level: int) -> dict
                                           relevance_level))
 
 
+@dataclasses.dataclass
+class CorpusText:
+    """The documents of `--corpus-text`, in the dataset's corpus row order."""
+
+    source: str
+    titles: list[str]
+    texts: list[str]
+
+
+def read_corpus_text(path: str, corpus_ids: list[str]) -> CorpusText:
+    """Titles and texts of a BEIR corpus file that must hold exactly the dataset's corpus ids (any order);
+    otherwise one InputError naming the file (and the line of an id the dataset does not have)."""
+    from esep_jax.data.beir import read_beir_documents
+
+    documents = read_beir_documents(path)
+    row_of = {doc_id: row for row, doc_id in enumerate(corpus_ids)}
+    for doc_id, line in zip(documents.ids, documents.lines):
+        if doc_id not in row_of:
+            raise InputError(f"id {doc_id!r} is not a corpus id of the dataset (the texts must be those of the "
+                             "dataset's documents, with the same ids)", file=path, line=line, field="_id")
+    if len(documents.ids) != len(corpus_ids):  # no unknown ids and no duplicates: some are missing
+        present = set(documents.ids)
+        missing = [doc_id for doc_id in corpus_ids if doc_id not in present]
+        raise InputError(f"{len(missing)} of the dataset's {len(corpus_ids)} corpus ids have no text here "
+                         f"(first: {missing[0]!r})", file=path)
+    order = np.empty(len(corpus_ids), np.int64)
+    order[[row_of[doc_id] for doc_id in documents.ids]] = np.arange(len(corpus_ids))
+    return CorpusText(Path(path).name, [documents.titles[i] for i in order], [documents.texts[i] for i in order])
+
+
 def _write_manifest(root: Path, manifest: dict, key: bytes | None) -> None:
     data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
     (root / fmt.MANIFEST).write_bytes(data)
@@ -112,12 +146,14 @@ def _write_manifest(root: Path, manifest: dict, key: bytes | None) -> None:
 
 def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None, target_recall: float = 0.95,
                   overwrite: bool = False, strategy: str = "auto", k: int = 10, log=print,
-                  key: bytes | None = None, allow_harmful: bool = False) -> dict:
+                  key: bytes | None = None, allow_harmful: bool = False, corpus_text: str | None = None,
+                  bm25: bool = False) -> dict:
     """Writes the serving bundle of the run in `workdir` to `out` (atomically); returns its manifest.
 
     The run is loaded once, read-only (`TrainedRun`); the corpus is read once; test queries are never read.
     With `key`, the manifest is signed (`manifest.json.hmac`; see `esep_jax.serving.searcher`). A run flagged
     harmful by training (worse than the base on its new-documents dev view) is refused unless `allow_harmful`.
+    `corpus_text` (BEIR jsonl) adds the document store, and `bm25` a BM25 index over the same texts.
     """
     from safetensors import SafetensorError
 
@@ -130,6 +166,8 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
         raise InputError(f"must be in (0, 1], got {target_recall}", field="--target-recall")
     if strategy not in scann_index.STRATEGIES:
         raise InputError(f"must be one of {', '.join(scann_index.STRATEGIES)}", field="--index")
+    if bm25 and not corpus_text:
+        raise InputError("needs --corpus-text (the documents' texts to index)", field="--bm25")
     if Path(out).exists() and not overwrite:  # checked again when renaming; this saves building an index first
         raise InputError("already exists (pass --overwrite to replace it)", file=str(out))
     run = TrainedRun.load(workdir)
@@ -137,6 +175,8 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
     dataset = Dataset(data)
     run.check_fits(dataset)
     config = run.config
+    # Read and matched to the corpus before anything is built: a wrong file fails in seconds, leaving nothing.
+    text = read_corpus_text(corpus_text, dataset.ids("corpus")) if corpus_text else None
     if run.summary and run.summary.get("harmful") and not allow_harmful:
         views = run.summary["best_dev"]["new_documents"], run.summary["base_dev"]["new_documents"]
         raise InputError(f"the run's head is worse than the base embeddings on its new-documents dev view (nDCG@10 "
@@ -191,7 +231,8 @@ def export_bundle(workdir: str | Path, out: str | Path, data: str | None = None,
         "files": {},
     }
     try:
-        _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config, key)
+        _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config, key, text, bm25,
+                      log)
     except (OSError, SafetensorError, RuntimeError) as error:  # a full disk, a quota, a lost mount, ScaNN's writer
         reason = os_reason(error)
         raise BundleWriteError(f"could not write the bundle {out}: {reason} (nothing was left behind)") from None
@@ -206,11 +247,14 @@ class BundleWriteError(StorageError):
     """Writing a bundle failed part-way (a full disk, a quota); the partial directory was removed."""
 
 
-def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config, key) -> None:
+def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, split, config, key, text, bm25,
+                  log) -> None:
     """Writes, loads back and measures the bundle in a temporary directory renamed into place at the end."""
     from safetensors.numpy import save_file
 
     from esep_jax.serving import Searcher
+    from esep_jax.serving.documents import write_documents
+    from esep_jax.serving.hybrid import write_bm25_index
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by whichever user serves it
@@ -219,6 +263,13 @@ def _write_bundle(out, overwrite, manifest, tensors, head, dataset, searcher, sp
         (tmp / fmt.INDEX_DIR).mkdir()
         # Relative asset paths: the directory is renamed into place (and may be copied anywhere) after this.
         searcher.serialize(str(tmp / fmt.INDEX_DIR), relative_path=True)
+        if text is not None:
+            manifest["documents"] = write_documents(tmp, dataset.ids("corpus"), text.titles, text.texts, text.source)
+        if bm25:
+            log(f"building a BM25 index over {len(text.texts):,} documents")
+            # Title + text, as the dense side encodes BEIR documents (`read_beir_corpus`).
+            manifest["bm25"] = write_bm25_index(tmp, [(title + " " + body).strip()
+                                                      for title, body in zip(text.titles, text.texts)])
         (tmp / fmt.HEAD_FILE).chmod(0o644)  # safetensors writes 0600
         manifest["files"] = {name: fmt.sha256_file(tmp / name) for name in fmt.bundle_files(tmp)}
         _write_manifest(tmp, manifest, key)

@@ -8,6 +8,13 @@ A bundle is a directory:
     head.safetensors         the head's tensors (float32; safetensors holds raw arrays only, never pickle)
     corpus_ids.txt           the id of each corpus row, one per line, in ScaNN's row order
     index/                   the ScaNN searcher, `searcher.serialize(dir, relative_path=True)`
+    documents.jsonl          optional (`export --corpus-text`): `{"id", "title", "text"}` per corpus row, in row order
+    documents.offsets.npy    its byte offsets, int64 `[N + 1]`, so one document is read without the others
+    bm25/                    optional (`export --bm25`): a BM25 index over the same texts, in bm25s's own format
+                             (`BM25.save`: CSC score matrix as .npy, vocabulary and parameters as JSON; no pickle)
+                             plus `tokenizer.json` (lower-casing, token pattern, stopwords, stemmer)
+
+Every file, optional ones included, is listed with its sha256 in `manifest["files"]`.
 
 Heads (`manifest["head"]["kind"]`); a trained ensemble of members f_m is served as `f(q) = Σ_m w_m f_m(q)`
 (weights summing to 1: the mean of the members' query vectors, or dev-chosen weights):
@@ -41,6 +48,9 @@ MANIFEST_SIGNATURE = "manifest.json.hmac"  # optional: HMAC-SHA256 of manifest.j
 HEAD_FILE = "head.safetensors"
 IDS_FILE = "corpus_ids.txt"
 INDEX_DIR = "index"
+DOCUMENTS_FILE = "documents.jsonl"
+DOCUMENT_OFFSETS_FILE = "documents.offsets.npy"
+BM25_DIR = "bm25"
 HEAD_KINDS = ("linear", "mlp")
 METRIC = "dot_product"
 

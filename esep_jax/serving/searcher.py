@@ -20,6 +20,11 @@ Results always have k columns. When fewer than k documents come back for a query
 few leaves; ScaNN pads such rows with row 0 and a NaN score), the query is searched again exhaustively, and
 anything still missing is returned as id `None` with score `-inf` at the end of the row — padding is never
 reported as a real document.
+
+Optional parts, loaded when the manifest lists them: the document store (`documents(rows)`, see
+`esep_jax.serving.documents`) and the BM25 index for hybrid search (`search(..., hybrid=True, query_texts=...)`
+fuses the dense and BM25 results by reciprocal-rank fusion; `search_bm25` is BM25 alone; see
+`esep_jax.serving.hybrid`).
 """
 
 from __future__ import annotations
@@ -32,23 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from esep_jax.errors import InputError
 from esep_jax.export import format as fmt
 from esep_jax.export import scann_index
+from esep_jax.serving.documents import DocumentStore
+from esep_jax.serving.errors import BundleError, ChecksumError, QueryError
+from esep_jax.serving.hybrid import BM25Index, Fusion, HybridUnavailable, reciprocal_rank_fusion
 
 MISSING_ID = None  # the id of a result slot with no document (its score is -inf)
-
-
-class BundleError(InputError, ValueError):
-    """A bundle that cannot be served: missing, malformed, or not matching its manifest."""
-
-
-class ChecksumError(BundleError):
-    """A bundle file whose sha256 differs from the one recorded at export: the file is damaged."""
-
-
-class QueryError(InputError, ValueError):
-    """Queries or search arguments that cannot be searched (wrong shape or dimension, NaN/Inf, bad k)."""
 
 
 def _read_manifest(root: Path, verify: bool) -> dict:
@@ -183,9 +178,12 @@ def _load_index(root: Path, manifest: dict):
 class Searcher:
     """A loaded bundle: the head in numpy and the ScaNN index. Build with `Searcher.load(path)`."""
 
-    def __init__(self, root: Path, manifest: dict, tensors: dict[str, np.ndarray], ids: list[str], index):
+    def __init__(self, root: Path, manifest: dict, tensors: dict[str, np.ndarray], ids: list[str], index,
+                 documents: DocumentStore | None = None, bm25: BM25Index | None = None,
+                 bm25_unavailable: str | None = None):
         self.root, self.manifest, self.tensors, self.index = root, manifest, tensors, index
-        self.ids = ids
+        self.ids, self.document_store, self.bm25 = ids, documents, bm25
+        self._bm25_unavailable = bm25_unavailable  # why a bundle's BM25 index cannot run here (no PyStemmer)
         # Row -1 (a missing result) indexes the trailing MISSING_ID, so padding can never map to a real id.
         self._id_array = np.array(ids + [MISSING_ID], dtype=object)
 
@@ -214,7 +212,15 @@ class Searcher:
         if len(ids) != manifest["corpus"]["count"]:
             raise BundleError(f"{len(ids)} ids, the manifest says {manifest['corpus']['count']} documents",
                               file=str(ids_path))
-        return cls(root, manifest, tensors, ids, _load_index(root, manifest))
+        index = _load_index(root, manifest)
+        documents = DocumentStore.open(root, manifest["documents"], ids) if "documents" in manifest else None
+        bm25, unavailable = None, None
+        if "bm25" in manifest:
+            try:
+                bm25 = BM25Index.load(root, manifest["bm25"], len(ids))
+            except HybridUnavailable as error:  # dense search works without PyStemmer; hybrid says what is missing
+                unavailable = str(error)
+        return cls(root, manifest, tensors, ids, index, documents, bm25, unavailable)
 
     @property
     def input_dim(self) -> int:
@@ -251,17 +257,66 @@ class Searcher:
         """f(q): the head applied to query embeddings, float32 `[Q, output_dim]`."""
         return fmt.apply_head(self.manifest["head"], self.tensors, self._check_queries(query_embeddings))
 
-    def search_rows(self, query_embeddings, k: int = 10, *, leaves_to_search: int | None = None,
-                    reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k corpus rows (int64 `[Q, k]`, -1 where missing) and scores (float32, -inf where missing).
+    @property
+    def has_documents(self) -> bool:
+        return self.document_store is not None
 
-        `leaves_to_search` / `reorder` override the tuned settings recorded at export.
-        """
+    @property
+    def has_bm25(self) -> bool:
+        """Whether hybrid and BM25 search can run: the bundle has a BM25 index and PyStemmer is installed."""
+        return self.bm25 is not None
+
+    def _check_k(self, k) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         if k > self.num_documents:
             raise QueryError(f"k={k} exceeds the {self.num_documents} documents in the bundle")
+        return int(k)
+
+    @property
+    def hybrid_unavailable(self) -> str | None:
+        """Why hybrid and BM25 search cannot run (no BM25 index in the bundle, or no PyStemmer), else None."""
+        if self.bm25 is not None:
+            return None
+        return self._bm25_unavailable or "the bundle has no BM25 index (export it with --corpus-text and --bm25)"
+
+    def _check_texts(self, query_texts, num_queries: int | None) -> list[str]:
+        if self.bm25 is None:
+            raise QueryError(self.hybrid_unavailable)
+        if query_texts is None:
+            raise QueryError("hybrid search needs the query texts (for BM25)")
+        texts = [query_texts] if isinstance(query_texts, str) else list(query_texts)
+        if not all(isinstance(text, str) for text in texts):
+            raise QueryError("query texts must be strings")
+        if num_queries is not None and len(texts) != num_queries:
+            raise QueryError(f"{len(texts)} query texts for {num_queries} query embeddings")
+        return texts
+
+    def search_rows(self, query_embeddings, k: int = 10, *, leaves_to_search: int | None = None,
+                    reorder: int | None = None, hybrid: bool | Fusion | None = None, query_texts=None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k corpus rows (int64 `[Q, k]`, -1 where missing) and scores (float32, -inf where missing).
+
+        `leaves_to_search` / `reorder` override the tuned settings recorded at export. With `hybrid` (True for
+        the default `Fusion`, or a `Fusion`), the dense top-`depth` and the BM25 top-`depth` of `query_texts`
+        (one per query) are fused by RRF, and the scores are the fused ones.
+        """
+        k = self._check_k(k)
+        fusion = None
+        if hybrid is not None and hybrid is not False:
+            fusion = (Fusion() if hybrid is True else hybrid).check()
+            texts = self._check_texts(query_texts, None)
         vectors = self.transform(query_embeddings)
+        depth = k if fusion is None else min(max(k, int(fusion.depth)), self.num_documents)
+        rows, scores = self._dense(vectors, depth, leaves_to_search, reorder)
+        if fusion is None:
+            return rows, scores
+        if len(texts) != len(vectors):
+            raise QueryError(f"{len(texts)} query texts for {len(vectors)} query embeddings")
+        bm25_rows, _ = self.bm25.search_rows(texts, depth)
+        return reciprocal_rank_fusion([rows, bm25_rows], [fusion.dense_weight, fusion.bm25_weight], fusion.k_rrf, k)
+
+    def _dense(self, vectors: np.ndarray, k: int, leaves_to_search, reorder) -> tuple[np.ndarray, np.ndarray]:
         settings = self.manifest["index"]
         leaves = leaves_to_search if leaves_to_search is not None else settings.get("leaves_to_search")
         reorder = reorder if reorder is not None else settings.get("reorder")
@@ -272,11 +327,28 @@ class Searcher:
                 self.index, vectors[short], int(k), settings.get("num_leaves"), max(int(reorder or 0), int(k)))
         return rows, scores
 
-    def search(self, query_embeddings, k: int = 10, **overrides) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_embeddings, k: int = 10, **options) -> tuple[np.ndarray, np.ndarray]:
         """Top-k document ids (object array `[Q, k]`, `None` where missing) and scores (float32, -inf there).
 
         `query_embeddings` is `[Q, input_dim]` (or one `[input_dim]` vector) of the bundle's encoder, before
         the head. Raises `QueryError` for a wrong shape or dimension, NaN/Inf rows, or k outside 1..N.
+        `options` are those of `search_rows` (index overrides, `hybrid` and `query_texts`).
         """
-        rows, scores = self.search_rows(query_embeddings, k, **overrides)
+        rows, scores = self.search_rows(query_embeddings, k, **options)
         return self._id_array[rows], scores
+
+    def search_bm25_rows(self, query_texts, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 alone: top-k rows and BM25 scores per query text (-1 / -inf past the documents that match)."""
+        k = self._check_k(k)
+        return self.bm25.search_rows(self._check_texts(query_texts, None), k)
+
+    def search_bm25(self, query_texts, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 alone: top-k ids (`None` past the documents sharing a term with the query) and scores."""
+        rows, scores = self.search_bm25_rows(query_texts, k)
+        return self._id_array[rows], scores
+
+    def documents(self, rows) -> list[dict | None]:
+        """`{"title", "text"}` per corpus row (`None` for -1); a `QueryError` if the bundle stores no documents."""
+        if self.document_store is None:
+            raise QueryError("the bundle has no document store (export it with --corpus-text)")
+        return self.document_store.get(rows)
