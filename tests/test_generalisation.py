@@ -146,6 +146,38 @@ def test_a_head_that_favours_training_positives_is_flagged_on_the_new_documents_
     assert dev.views(biased)["new_documents"]["ndcg@10"] < dev.views(base)["new_documents"]["ndcg@10"]
 
 
+def test_worst_case_combination_scores_the_smaller_gain_and_trains_an_ensemble(synthetic_dataset, tmp_path):
+    """`ensemble.combine="worst_case"`: a vector set's score is min(in-domain gain, new-documents gain), so the
+    prior-biased vectors above score their (negative) new-documents gain; a run combines its members by it."""
+    from esep_jax.config import Config
+    from esep_jax.evaluation.retrieval import ExactIndex
+    from esep_jax.evaluation.views import hold_out_documents
+    from esep_jax.training.early_stopping import DevSelection
+
+    dataset = Dataset(synthetic_dataset)
+    train, _ = hold_out_documents(dataset.qrels("train"), dataset.qrels("dev"), 0.5, seed=0)
+    seen = np.zeros(dataset.num_documents, bool)
+    seen[train.doc_rows] = True
+    corpus = dataset.read_corpus()
+    dev = DevSelection(Config(), dataset, dataset.qrels("dev"), ExactIndex(corpus), seen=seen)
+    base_vectors, base = dev.evaluator.base_vectors(), dev.base_metrics()
+    prior = corpus[seen].mean(axis=0)
+    biased = base_vectors + 3.0 * prior / np.linalg.norm(prior)
+    metrics = dev.views(biased)
+    gains = (metrics["ndcg@10"] - base["ndcg@10"],
+             metrics["new_documents"]["ndcg@10"] - base["new_documents"]["ndcg@10"])
+    assert dev.worst_case_gain(biased, base) == pytest.approx(min(gains)) and min(gains) < 0
+    assert dev.worst_case_gain(base_vectors, base) == 0.0
+
+    workdir = tmp_path / "run"
+    assert main(["train", "--data", synthetic_dataset, "--workdir", str(workdir), *FAST,
+                 "--config.ensemble.members=3", "--config.ensemble.temperature=0.02,0.05,0.1",
+                 "--config.ensemble.combine=worst_case"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert len(summary["weights"]) == 3 and sum(summary["weights"]) == pytest.approx(1.0)
+    assert "new_documents" in summary["best_dev"]
+
+
 def test_a_harmful_run_is_reported_loudly_and_export_refuses_it(synthetic_dataset, tmp_path, capsys):
     from esep_jax.cli.train_commands import report_lines
 

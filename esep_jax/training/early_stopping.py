@@ -75,6 +75,16 @@ class DevSelection:
             return None
         return harm_test(per_query[0]["ndcg@10"], per_query[1]["ndcg@10"], tolerance)
 
+    def worst_case_gain(self, vectors: np.ndarray, base: dict) -> float:
+        """The smaller gain over the base (`base_metrics()`) of the selection metric in-domain and nDCG@10 on
+        the new-documents view — what `ensemble.combine="worst_case"` maximises. Without that view it is the
+        in-domain gain."""
+        metrics = self.views(vectors)
+        gains = [metrics[self.metric] - base[self.metric]]
+        if "new_documents" in metrics and "new_documents" in base:
+            gains.append(metrics["new_documents"]["ndcg@10"] - base["new_documents"]["ndcg@10"])
+        return float(min(gains))
+
     def score(self, vectors: np.ndarray) -> tuple[float, dict]:
         """(selection score, metrics to log) of one member's dev query vectors."""
         metrics = self.views(vectors)

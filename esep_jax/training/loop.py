@@ -300,6 +300,8 @@ def _finish(session: _Session, step: int, stopped: bool, interrupted: bool, star
     member_dev = [dev.evaluator.rank_vectors(v).metrics for v in best_vectors]
     if config.ensemble.combine == "greedy" and len(best_vectors) > 1:
         weights, _ = greedy_selection(best_vectors, lambda v: dev.score(v)[0])
+    elif config.ensemble.combine == "worst_case" and len(best_vectors) > 1:
+        weights, _ = greedy_selection(best_vectors, lambda v: dev.worst_case_gain(v, session.base_dev))
     else:
         weights = np.full(len(best_vectors), 1.0 / len(best_vectors))
     gate = _calibrate_gate(plan)

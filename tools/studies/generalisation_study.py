@@ -1,6 +1,7 @@
 """Generalisation study: heads trained on each dataset, measured in-domain, on new documents and zero-shot.
 
-For every `--variant "NAME;field=value;..."` (after the `--set` overrides common to all) and every `--seed`, a
+For every `--variant "NAME;field=value;..."` (after the `--set` overrides common to all; `config=FILE` starts the
+variant from a config file instead of the defaults) and every `--seed`, a
 head is trained on each `--train` dataset with the real trainer (`WORKROOT/NAME/s<seed>/<dataset>`) and
 evaluated with `esep-jax eval`'s report on every `--dataset`: its own (in-domain, with the new-documents view
 of a dataset made by `esep-jax new-documents`) and the others (zero-shot: same encoder, another corpus). One
@@ -11,7 +12,8 @@ markdown table per variant, nDCG@10 (mean over seeds, Δ in points against the b
         --dataset nf=/tmp/nfcorpus --dataset nf-new=/tmp/nf-new --dataset pystdlib=/tmp/demo \\
         --dataset modules=/tmp/demo-modules --dataset msmarco=/tmp/msmarco \\
         --train nf --train nf-new --train pystdlib --train modules \\
-        --variant "defaults" --variant "all negatives, no gate;loss.negatives=all;model.gate=none"
+        --variant "defaults" --variant "all negatives, no gate;loss.negatives=all;model.gate=none" \\
+        --variant "generalising ensemble;config=configs/generalising_ensemble.py"
 
 Existing runs are reused (rerunning resumes or skips them), so a study can be extended variant by variant.
 """
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
             measured = {}
             for train in args.train:
                 workdir = root / name.replace(" ", "_").replace(",", "") / f"s{seed}" / train
-                config = load_config(None, [*args.set, *overrides, f"train.seed={seed}"])
+                config_file = next((o.split("=", 1)[1] for o in overrides if o.startswith("config=")), None)
+                fields = [o for o in overrides if not o.startswith("config=")]
+                config = load_config(config_file, [*args.set, *fields, f"train.seed={seed}"])
                 if not (workdir / "summary.json").exists():
                     train_and_evaluate(config, datasets[train], workdir, progress=False)
                 measured.update(measure(workdir, datasets, train, args.split))
