@@ -14,7 +14,7 @@ from esep_jax.cli import main
 from esep_jax.config import ModelConfig
 from esep_jax.export import format as fmt
 from esep_jax.export.bundle import fold_head
-from esep_jax.heads import build_head, init_params
+from esep_jax.heads import build_head, head_names, init_params
 from esep_jax.serving import BundleError, ChecksumError, Searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_exported_heads_equal_the_jax_heads(synthetic_dataset, tmp_path, head, e
     np.testing.assert_allclose(searcher.transform(queries), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+@pytest.mark.parametrize("kind", head_names())
 @pytest.mark.parametrize("input_dim, output_dim", [(12, 8), (8, 12)])
 def test_folding_weighted_members_with_different_query_and_corpus_dims(kind, input_dim, output_dim):
     module = build_head(ModelConfig(head=kind, rank=3, hidden_dim=10, use_bias=True), output_dim)

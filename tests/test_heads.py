@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from esep_jax.config import ModelConfig
-from esep_jax.heads import build_head, init_params
+from esep_jax.heads import build_head, head_names, init_params
 
 
-@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+@pytest.mark.parametrize("kind", head_names())
 @pytest.mark.parametrize("query_dim, corpus_dim", [(16, 16), (12, 16), (16, 10)])
 def test_untrained_head_is_identity(kind, query_dim, corpus_dim):
     head = build_head(ModelConfig(head=kind, rank=4, hidden_dim=8, dropout=0.5), corpus_dim)
