@@ -39,3 +39,23 @@ def test_the_generalisation_study_trains_and_tabulates(synthetic_dataset, tmp_pa
     assert "**defaults**" in table and "**no gate**" in table
     assert "| syn → other (zero-shot) |" in table and "| new → new (new documents) |" in table
     assert Path(tmp_path / "w" / "study.json").exists()
+
+
+def test_the_gate_study_regates_a_trained_run(synthetic_dataset, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["train", "--data", synthetic_dataset, "--workdir", str(workdir), "--config.train.num_steps=20",
+                 "--config.train.eval_every=10", "--config.train.batch_size=32", "--no-progress"]) == 0
+    spec = importlib.util.spec_from_file_location("gate_study", REPO / "tools" / "studies" / "gate_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    capsys.readouterr()
+    out_json = tmp_path / "gate.json"
+    assert study.main(["--run", str(workdir), "--target", f"syn={synthetic_dataset}:test", "--quantile", "0,0.99",
+                       "--width", "0.1", "--json", str(out_json)]) == 0
+    import json
+
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["quantile"], r["width"]) for r in rows] == [(0.0, 0.1), (0.99, 0.1)]
+    # a band at the 99th percentile switches the head off for most in-domain queries
+    assert rows[1]["gate_mean"]["syn"] < rows[0]["gate_mean"]["syn"]
+    assert "| 0.99 | 0.1 |" in capsys.readouterr().out

@@ -165,7 +165,7 @@ def _add_bench_end_to_end(kinds) -> None:
         "scale", help="an MS MARCO-sized synthetic corpus: ingest, one timed step, one exact evaluation, peak memory",
         description="Writes a synthetic dataset of --corpus-size x --dim bfloat16 unit vectors block by block "
                     "(never whole in memory), then places it on the devices shard by shard and times one train "
-                    "step (after one that compiles) and one exact evaluation, with the peak memory. Split the "
+                    "step (compiled ahead of time) and one exact evaluation, with the peak memory. Split the "
                     "CPU into devices (JAX_NUM_CPU_DEVICES) so no single corpus shard passes through the host "
                     "whole.")
     scale.add_argument("--out", required=True, help="the synthetic dataset's directory (kept: --reuse)")
