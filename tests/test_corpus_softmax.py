@@ -56,6 +56,21 @@ def test_equals_plain_loss_and_gradient(chunk):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_on_a_cpu_the_scan_chunk_shrinks_to_a_cache_sized_divisor():
+    from esep_jax.objectives.corpus_softmax import CPU_MIN_CHUNK, CPU_TILE_BYTES, scan_chunk
+
+    assert scan_chunk(8192, 4096, "cpu") == CPU_TILE_BYTES // (4 * 4096) == 1024
+    assert scan_chunk(8192, 4096, "gpu") == 8192 and scan_chunk(8192, 16, "cpu") == 8192
+    assert scan_chunk(8192, 1 << 20, "cpu") == CPU_MIN_CHUNK
+    assert scan_chunk(3000, 4096, "cpu") == 750 and 3000 % 750 == 0  # halving keeps it a divisor
+    # and the loss is unchanged when it does shrink: 4 * 2048 rows * 4096 > the tile, so 2048 rows per step
+    queries, corpus, ids, weights = _inputs(seed=3, batch=2048, docs=4096, dim=4)
+    expected_loss, expected_grad = _reference(queries, corpus, ids, weights, 0.1)
+    loss, grad = _blockwise(queries, corpus, ids, weights, 0.1, 4096)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)  # sums of 4,096 terms, reordered
+
+
 def test_mask_and_z_loss():
     queries, corpus, ids, weights = _inputs(seed=1)
     mask = np.random.default_rng(3).random(corpus.shape[0]) < 0.6

@@ -142,7 +142,7 @@ def test_query_embeddings_whose_header_declares_more_than_the_file_holds(tmp_pat
         queries, text = str(path), None
 
     with pytest.raises(InputError, match=f"{path}: cannot read as .npy"):
-        _search_embeddings(Args, {})
+        _search_embeddings(Args, {}, None)
 
 
 def _limited(args: list[str], limit: int) -> subprocess.CompletedProcess:

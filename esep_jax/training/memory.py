@@ -17,6 +17,7 @@ import jax
 
 from esep_jax.config import Config
 from esep_jax.errors import InputError
+from esep_jax.objectives.corpus_softmax import scan_chunk
 
 GiB = 1 << 30
 
@@ -67,7 +68,8 @@ def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_di
         # queries and positives (ids and weights), twice for the read-ahead and the device copy
         "batch": 2 * tc.batch_size * (4 * query_dim + 8 * num_positives),
         # the scan's scores/probabilities [b·E, chunk] and its running sums [b·E, d], a few of each live at once
-        "full-corpus scan": 4 * micro * members * (3 * min(tc.corpus_chunk, num_documents) + 3 * scored_dim)
+        "full-corpus scan": 4 * micro * members * (3 * scan_chunk(min(tc.corpus_chunk, local_documents),
+                                                                  micro * members) + 3 * scored_dim)
         if corpus_on_device else 0,
         "dev evaluation": 4 * dev_queries * members * (corpus_dim + activations)
         + 4 * config.eval.query_chunk * min(config.eval.corpus_chunk, num_documents) * 3,
