@@ -52,8 +52,9 @@ def test_a_kill_after_every_checkpoint_and_in_the_summary_changes_nothing(demo_d
     assert step == expected[0]
     assert_states_equal(state, expected[1])
     assert metrics == expected[2]  # no line lost or written twice (the step-0 dev line included)
-    # Wall-clock timings are the one field that may differ (they describe the process that wrote the summary).
-    assert summary.pop("timings").keys() == expected[3].pop("timings").keys()
+    # Wall-clock timings are the one field that differs: they describe the process that wrote the summary
+    # (one resumed only to write it has no steps to time).
+    assert summary.pop("timings")["total_s"] >= 0 and expected[3].pop("timings")["total_s"] >= 0
     assert summary == expected[3]
     assert sum(json.loads(line)["kind"] == "dev" and json.loads(line)["step"] == 0 for line in metrics.splitlines()) == 1
 
