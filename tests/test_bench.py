@@ -67,6 +67,8 @@ def test_time_to_head_and_host_benchmarks_run(synthetic_dataset, tmp_path, capsy
     result = host_and_device(synthetic_dataset, 64, steps=2)
     assert result["host_s"] > 0 and result["device_s"] > 0 and result["host_fraction"] == pytest.approx(
         result["host_s"] / result["device_s"])
+    assert result["pipeline_s"] > 0 and result["pipeline_overhead"] == pytest.approx(
+        result["pipeline_s"] / result["device_s"] - 1)
     assert main(["bench", "time-to-head", "--data", synthetic_dataset, "--rounds", "1",
                  "--json", str(tmp_path / "t.json")]) == 0
     out = capsys.readouterr().out

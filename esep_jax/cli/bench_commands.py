@@ -206,6 +206,8 @@ def _run_bench_host(args) -> int:
     result = host_and_device(args.data, args.batch, args.steps)
     print(f"batch {result['batch']}: host {1000 * result['host_s']:.1f} ms, device {1000 * result['device_s']:.1f} "
           f"ms per step; host = {100 * result['host_fraction']:.1f} % of the step ({result['backend']})")
+    print(f"pipelined as in training: {1000 * result['pipeline_s']:.1f} ms per step, "
+          f"{100 * result['pipeline_overhead']:+.1f} % against the device alone")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0

@@ -87,12 +87,19 @@ class ShardedCorpus:
             if start < real_stop:
                 values = embeddings[start:real_stop]
                 values = values.read().result() if hasattr(values, "read") else values
-                block[:real_stop - start] = np.asarray(values).astype(storage)
+                block[:real_stop - start] = values  # cast on assignment: no third copy of the shard
                 self.host_bytes_read += block[:real_stop - start].nbytes
             return block
 
         sharding = NamedSharding(mesh, P(CORPUS))
-        self.embeddings = jax.make_array_from_callback((padded_rows, self.dim), sharding, rows)
+        shape = (padded_rows, self.dim)
+        # One device's block at a time: read, placed, released before the next is read (make_array_from_callback
+        # would hold every block on the host before placing them, twice the corpus at the peak).
+        pieces = []
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            pieces.append(jax.device_put(rows(index), device))
+            jax.block_until_ready(pieces[-1])
+        self.embeddings = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
         self.logit_bias = jax.make_array_from_callback((padded_rows,), sharding, lambda index: full_bias[index])
 
     @property
