@@ -34,10 +34,11 @@ def test_the_generalisation_study_trains_and_tabulates(synthetic_dataset, tmp_pa
     assert study.main(["--workroot", str(tmp_path / "w"), "--dataset", f"syn={synthetic_dataset}",
                        "--dataset", f"other={other}", "--dataset", f"new={new}", "--train", "syn", "--train", "new",
                        "--set", "train.num_steps=20", "--set", "train.eval_every=10", "--set", "train.batch_size=32",
-                       "--variant", "defaults", "--variant", "no gate;model.gate=none"]) == 0
+                       "--variant", "defaults", "--variant", "no gate;model.gate=none", "--group", "syn,new"]) == 0
     table = (tmp_path / "w" / "study.md").read_text()
     assert "**defaults**" in table and "**no gate**" in table
     assert "| syn → other (zero-shot) |" in table and "| new → new (new documents) |" in table
+    assert "| syn → new" not in table  # one corpus: not zero-shot
     assert Path(tmp_path / "w" / "study.json").exists()
 
 

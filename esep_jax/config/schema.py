@@ -44,9 +44,9 @@ class ModelConfig:
     # the base (B's raw query) is meaningless on A's index.
     gate: Literal["knn", "none"] = "knn"
     gate_neighbours: int = 10
-    # Training queries below this quantile of their own similarity are not fully on. 0.05 rather than 0.01: on
-    # NFCorpus and pystdlib dev it costs <= 0.05 points in-domain and removes most zero-shot loss
-    # (tools/studies/gate_study.py; docs/generalisation.md).
+    # Training queries below this quantile of their own similarity are not fully on. 0.05 rather than 0.01: the
+    # smallest at which the NFCorpus head stops losing on pystdlib dev queries, for 0.04 / 0.13 points of
+    # NFCorpus / pystdlib in-domain dev gain (tools/studies/gate_study.py; docs/generalisation.md).
     gate_quantile: float = 0.05
     gate_width: float = 0.1  # similarity band over which the head fades out below that
     gate_anchors: int = 16384  # at most this many training queries (a seeded sample) are kept as anchors

@@ -11,7 +11,7 @@ markdown table per variant, nDCG@10 (mean over seeds, Δ in points against the b
     python tools/studies/generalisation_study.py --workroot /tmp/gen \\
         --dataset nf=/tmp/nfcorpus --dataset nf-new=/tmp/nf-new --dataset pystdlib=/tmp/demo \\
         --dataset modules=/tmp/demo-modules --dataset msmarco=/tmp/msmarco \\
-        --train nf --train nf-new --train pystdlib --train modules \\
+        --train nf --train nf-new --train pystdlib --train modules --group nf,nf-new --group pystdlib,modules \\
         --variant "defaults" --variant "all negatives, no gate;loss.negatives=all;model.gate=none" \\
         --variant "generalising ensemble;config=configs/generalising_ensemble.py"
 
@@ -40,22 +40,29 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
-def columns(datasets: dict[str, str], trained: list[str]) -> list[tuple[str, str, str]]:
-    """(trained-on, evaluated-on, view) per table column: own test, own new documents, then zero-shot."""
+def columns(datasets: dict[str, str], trained: list[str], groups: list[set[str]] = ()) -> list[tuple[str, str, str]]:
+    """(trained-on, evaluated-on, view) per table column: own test, own new documents, then zero-shot — on the
+    datasets outside the trained one's `groups` (datasets of one group share a corpus: not zero-shot, and only
+    the first of a group is another dataset's zero-shot column)."""
     out = []
     for train in trained:
+        related = set().union(*[g for g in groups if train in g]) if groups else set()
         out.append((train, train, "test"))
         out.append((train, train, "new_documents"))
-        out += [(train, target, "test") for target in datasets if target != train]
+        covered = set(related)
+        for target in datasets:  # one zero-shot column per corpus: the first dataset named of each group
+            if target != train and target not in covered:
+                out.append((train, target, "test"))
+                covered |= set().union({target}, *[g for g in groups if target in g])
     return out
 
 
-def measure(workdir: Path, datasets: dict[str, str], train: str, split: str) -> dict:
+def measure(workdir: Path, datasets: dict[str, str], train: str, split: str, skip: set[str] = frozenset()) -> dict:
+    """{(train, target, view): (base, head) nDCG@10} on the trained dataset and every other one not in `skip`."""
     from esep_jax.evaluation.report import evaluate_targets
 
-    results = evaluate_targets([datasets[train], *[p for n, p in datasets.items() if n != train]], split,
-                               workdir=str(workdir))
-    names = [train, *[n for n in datasets if n != train]]
+    names = [train, *[n for n in datasets if n != train and n not in skip]]
+    results = evaluate_targets([datasets[n] for n in names], split, workdir=str(workdir))
     out = {}
     for name, result in zip(names, results):
         out[(train, name, "test")] = (result["base"]["ndcg@10"], result["head"]["ndcg@10"])
@@ -76,8 +83,12 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="for every variant")
     parser.add_argument("--seed", action="append", type=int, default=[], help="train.seed values (default 0)")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--group", action="append", default=[], metavar="NAME,NAME,...",
+                        help="datasets that share a corpus (views or re-splits of one dataset): never each "
+                             "other's zero-shot targets; repeat")
     args = parser.parse_args(argv)
     datasets = dict(args.dataset)
+    groups = [set(group.split(",")) for group in args.group]
     unknown = [name for name in args.train if name not in datasets]
     if unknown or not args.train:
         parser.error(f"--train needs names given with --dataset (unknown: {unknown})")
@@ -100,12 +111,13 @@ def main(argv=None) -> int:
                 config = load_config(config_file, [*args.set, *fields, f"train.seed={seed}"])
                 if not (workdir / "summary.json").exists():
                     train_and_evaluate(config, datasets[train], workdir, progress=False)
-                measured.update(measure(workdir, datasets, train, args.split))
+                related = set().union(*[g for g in groups if train in g]) if groups else set()
+                measured.update(measure(workdir, datasets, train, args.split, skip=related))
             per_seed.append(measured)
         record[name] = {"overrides": overrides, "seeds": seeds,
                         "cells": [{" | ".join(key): value for key, value in m.items()} for m in per_seed]}
         tables.append(f"**{name}** ({'; '.join(overrides) or 'defaults'}; seeds {', '.join(map(str, seeds))})\n\n"
-                      + _table(per_seed, columns(datasets, args.train)))
+                      + _table(per_seed, columns(datasets, args.train, groups)))
     text = "\n\n".join(tables) + "\n"
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.md").write_text(text)
