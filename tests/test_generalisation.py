@@ -123,32 +123,9 @@ def test_new_documents_dataset_and_its_test_view(synthetic_dataset, tmp_path, ca
     assert view["queries"] == sum(has_new) and "head" in view and result["zero_shot"] is False
 
 
-def test_a_head_that_favours_training_positives_is_flagged_on_the_new_documents_view(synthetic_dataset):
-    """DevSelection on real dev data: query vectors pulled towards the training positives lose on the documents
-    held out of training, and the paired harm test says so; the base itself is never flagged."""
-    from esep_jax.config import Config
-    from esep_jax.evaluation.retrieval import ExactIndex
-    from esep_jax.evaluation.views import hold_out_documents
-    from esep_jax.training.early_stopping import DevSelection
-
-    dataset = Dataset(synthetic_dataset)
-    train, held = hold_out_documents(dataset.qrels("train"), dataset.qrels("dev"), 0.5, seed=0)
-    seen = np.zeros(dataset.num_documents, bool)
-    seen[train.doc_rows] = True
-    corpus = dataset.read_corpus()
-    dev = DevSelection(Config(), dataset, dataset.qrels("dev"), ExactIndex(corpus), seen=seen)
-    base = dev.evaluator.base_vectors()
-    prior = corpus[seen].mean(axis=0)
-    biased = base + 3.0 * prior / np.linalg.norm(prior)
-    harm = dev.harm(biased, 0.005)
-    assert harm["queries"] > 20 and harm["mean_delta"] < -0.005 and harm["harmful"]
-    assert not dev.harm(base, 0.005)["harmful"] and dev.harm(base, 0.005)["mean_delta"] == 0.0
-    assert dev.views(biased)["new_documents"]["ndcg@10"] < dev.views(base)["new_documents"]["ndcg@10"]
-
-
-def test_worst_case_combination_scores_the_smaller_gain_and_trains_an_ensemble(synthetic_dataset, tmp_path):
-    """`ensemble.combine="worst_case"`: a vector set's score is min(in-domain gain, new-documents gain), so the
-    prior-biased vectors above score their (negative) new-documents gain; a run combines its members by it."""
+def _prior_biased_dev(synthetic_dataset):
+    """(DevSelection with half the dev-relevant documents held out of training, base dev vectors, the same
+    vectors pulled towards the mean training positive: a head that learnt the document prior)."""
     from esep_jax.config import Config
     from esep_jax.evaluation.retrieval import ExactIndex
     from esep_jax.evaluation.views import hold_out_documents
@@ -160,9 +137,26 @@ def test_worst_case_combination_scores_the_smaller_gain_and_trains_an_ensemble(s
     seen[train.doc_rows] = True
     corpus = dataset.read_corpus()
     dev = DevSelection(Config(), dataset, dataset.qrels("dev"), ExactIndex(corpus), seen=seen)
-    base_vectors, base = dev.evaluator.base_vectors(), dev.base_metrics()
+    base = dev.evaluator.base_vectors()
     prior = corpus[seen].mean(axis=0)
-    biased = base_vectors + 3.0 * prior / np.linalg.norm(prior)
+    return dev, base, base + 3.0 * prior / np.linalg.norm(prior)
+
+
+def test_a_head_that_favours_training_positives_is_flagged_on_the_new_documents_view(synthetic_dataset):
+    """DevSelection on real dev data: query vectors pulled towards the training positives lose on the documents
+    held out of training, and the paired harm test says so; the base itself is never flagged."""
+    dev, base, biased = _prior_biased_dev(synthetic_dataset)
+    harm = dev.harm(biased, 0.005)
+    assert harm["queries"] > 20 and harm["mean_delta"] < -0.005 and harm["harmful"]
+    assert not dev.harm(base, 0.005)["harmful"] and dev.harm(base, 0.005)["mean_delta"] == 0.0
+    assert dev.views(biased)["new_documents"]["ndcg@10"] < dev.views(base)["new_documents"]["ndcg@10"]
+
+
+def test_worst_case_combination_scores_the_smaller_gain_and_trains_an_ensemble(synthetic_dataset, tmp_path):
+    """`ensemble.combine="worst_case"`: a vector set's score is min(in-domain gain, new-documents gain), so the
+    prior-biased vectors above score their (negative) new-documents gain; a run combines its members by it."""
+    dev, base_vectors, biased = _prior_biased_dev(synthetic_dataset)
+    base = dev.base_metrics()
     metrics = dev.views(biased)
     gains = (metrics["ndcg@10"] - base["ndcg@10"],
              metrics["new_documents"]["ndcg@10"] - base["new_documents"]["ndcg@10"])
