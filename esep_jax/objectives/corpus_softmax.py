@@ -37,8 +37,8 @@ from esep_jax.objectives.targets import target_distribution
 DATA, CORPUS = "data", "corpus"
 # On a CPU the scan's [rows, chunk] score tile is passed over several times per chunk (bias, max, exp and sum,
 # then the second matmul). Kept within about this many bytes it stays in cache instead of streaming through
-# memory on every pass: at B = 4,096, d = 384 the step went from ~0.8 to ~0.95 of the matmul peak
-# (`esep-jax bench train`). Accelerators keep the configured chunk (their tiles live in HBM either way, and
+# memory on every pass: at N = 100k, d = 384, B = 4,096 the step went from 0.73 to 0.75–0.85 of the matmul
+# peak and its working memory halved (`esep-jax bench train`, docs/performance.md). Accelerators keep the configured chunk (their tiles live in HBM either way, and
 # fewer, larger scan steps cost less loop overhead there).
 CPU_TILE_BYTES = 16 * 2**20
 CPU_MIN_CHUNK = 256
