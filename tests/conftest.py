@@ -9,6 +9,16 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Prepended to a child script: every import of these packages fails, as on a serving host without them.
+BLOCK_HEAVY_IMPORTS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("jax", "jaxlib", "flax", "tensorstore", "orbax", "optax"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
 SHARED_DATA = Path(os.environ.get("ESEP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

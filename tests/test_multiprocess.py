@@ -43,19 +43,27 @@ def _launch(dataset: str, workdir: Path, devices: int, extra=(), process=None, p
     return child
 
 
-def test_two_processes_of_two_devices_equal_one_process_of_four(synthetic_dataset, tmp_path):
-    single = _launch(synthetic_dataset, tmp_path / "single", 4)
+def _one_process_then_two(dataset: str, tmp_path: Path, single_devices: int, devices_each: int,
+                          extra: list[str] = ()) -> list[dict]:
+    """Trains in `single/` with one process, then in `multi/` with two; asserts their final train states are
+    equal and returns both summaries (single, multi)."""
+    single = _launch(dataset, tmp_path / "single", single_devices, extra)
     assert single.wait(timeout=300) == 0, single.output()
     port = _free_port()
-    workers = [_launch(synthetic_dataset, tmp_path / "multi", 2, process=i, processes=2, port=port) for i in range(2)]
+    workers = [_launch(dataset, tmp_path / "multi", devices_each, extra, process=i, processes=2, port=port)
+               for i in range(2)]
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.output()[-3000:]
-    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("single", "multi"))
+    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, dataset) for name in ("single", "multi"))
     assert step_a == step_b == 30
     import jax
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "multi")]
+    return [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "multi")]
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(synthetic_dataset, tmp_path):
+    summaries = _one_process_then_two(synthetic_dataset, tmp_path, 4, 2)
     for name, value in summaries[0]["best_dev"].items():
         assert summaries[1]["best_dev"][name] == pytest.approx(value, abs=1e-6)
     # Only process 0 writes the run's files: one line per logged step.
@@ -120,20 +128,7 @@ def test_a_corpus_sharded_over_two_processes_trains_and_evaluates_like_one(synth
     """corpus_shards=2 over 2 processes of 1 device: each process reads and holds only its half of the corpus —
     for training and for the dev evaluations (top-k per shard, merged exactly) — and the run equals one process
     of 2 devices with the same mesh."""
-    shards = ["--config.train.corpus_shards=2"]
-    single = _launch(synthetic_dataset, tmp_path / "single", 2, shards)
-    assert single.wait(timeout=300) == 0, single.output()
-    port = _free_port()
-    workers = [_launch(synthetic_dataset, tmp_path / "multi", 1, shards, process=i, processes=2, port=port)
-               for i in range(2)]
-    for worker in workers:
-        assert worker.wait(timeout=300) == 0, worker.output()[-3000:]
-    (step_a, a), (step_b, b) = (final_train_state(tmp_path / name, synthetic_dataset) for name in ("single", "multi"))
-    assert step_a == step_b == 30
-    import jax
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "multi")]
+    summaries = _one_process_then_two(synthetic_dataset, tmp_path, 2, 1, ["--config.train.corpus_shards=2"])
     assert summaries[1]["best_dev"]["ndcg@10"] == pytest.approx(summaries[0]["best_dev"]["ndcg@10"], abs=1e-6)
     corpus_bytes = 400 * 16 * 4  # the synthetic corpus in float32
     assert summaries[0]["corpus_bytes_per_process"] == [corpus_bytes]  # one process: all of it

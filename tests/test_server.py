@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BLOCK_HEAVY_IMPORTS
 
 from esep_jax.cli import main
 
@@ -26,15 +27,6 @@ pytest.importorskip("bm25s")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "esep_jax" / "demo_data" / "pystdlib"
-BLOCK_HEAVY_IMPORTS = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("jax", "jaxlib", "flax", "tensorstore", "orbax", "optax"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-sys.meta_path.insert(0, _Block())
-"""
 TEXTS = ["Return the absolute value of a number.", "Split a pathname into directory and file name.",
          "A decorator indicating abstract methods."]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BLOCK_HEAVY_IMPORTS
 
 from esep_jax.cli import main
 from esep_jax.export import scann_index
@@ -39,16 +40,6 @@ def queries(synthetic_dataset) -> np.ndarray:
     return Dataset(synthetic_dataset).read_queries(np.arange(20))
 
 
-# Makes every import of these packages fail, as on a serving host where they are not installed.
-BLOCK_HEAVY_IMPORTS = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("jax", "jaxlib", "flax", "tensorstore", "orbax", "optax"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def test_bundle_loads_and_searches_with_jax_flax_tensorstore_unimportable(bundles, queries, tmp_path):
