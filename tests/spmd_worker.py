@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from esep_jax.config import Config, override
 from esep_jax.objectives import build_terms
+from esep_jax.objectives.corpus_listwise import make_corpus_listwise_loss
 from esep_jax.objectives.corpus_softmax import DATA, ShardedCorpus, make_corpus_softmax_loss, make_data_corpus_mesh
 from esep_jax.runs.state import run_components
 from esep_jax.training.step import make_train_step
@@ -44,6 +45,15 @@ def run(corpus_shards: int, corpus: np.ndarray, mask: np.ndarray) -> dict[str, n
         return per_query.sum(), per_query
     (_, per_query), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(batch["queries"])
     results["loss"], results["grad"] = np.asarray(per_query), np.asarray(grad)
+
+    # The corpus listwise term (query drift): two members against a teacher, over the same sharded corpus.
+    listwise = make_corpus_listwise_loss(mesh, chunk=16)
+    rng = np.random.default_rng(7)
+    students = jax.device_put(rng.normal(size=(2, BATCH, DIM)).astype(np.float32), NamedSharding(mesh, P(None, DATA)))
+    teacher = jax.device_put(rng.normal(size=(BATCH, DIM)).astype(np.float32), batch_sharding)
+    value, grad = jax.jit(jax.value_and_grad(
+        lambda s: listwise(s, teacher, sharded.embeddings, sharded.logit_bias).sum()))(students)
+    results["corpus_listwise"], results["corpus_listwise_grad"] = np.asarray(value), np.asarray(grad)
 
     for micro in (0, 8):
         config = override(Config(), {

@@ -71,6 +71,51 @@ def test_on_a_cpu_the_scan_chunk_shrinks_to_a_cache_sized_divisor():
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)  # sums of 4,096 terms, reordered
 
 
+def test_ensemble_rows_scanned_in_row_blocks_equal_each_member_alone(monkeypatch):
+    """An ensemble's members are folded into the scan's rows, which a CPU scans in row blocks; the positives
+    are gathered once for all members. Each member's loss and gradient equal its own plain loss."""
+    from esep_jax.objectives import corpus_softmax
+
+    monkeypatch.setattr(corpus_softmax, "CPU_ROW_BLOCK", 4)
+    assert corpus_softmax.row_block(24, "cpu") == 3 and corpus_softmax.row_block(24, "gpu") == 24
+    members = np.stack([_inputs(seed=s)[0] for s in (4, 5, 6)])  # [3, 6, 8]: 18 rows, blocks of 4 → 9 × 2
+    _, corpus, ids, weights = _inputs(seed=4)
+    loss, grad = _blockwise(members, corpus, ids, weights, 0.07, 5)
+    assert loss.shape == (3, 6) and grad.shape == members.shape
+    for member in range(3):
+        expected_loss, expected_grad = _reference(members[member], corpus, ids, weights, 0.07)
+        np.testing.assert_allclose(loss[member], expected_loss, rtol=1e-5)
+        # atol: cancellation in gradients of size ~15 (float32 rounding, not a different result)
+        np.testing.assert_allclose(grad[member], expected_grad, rtol=1e-5, atol=2e-5)
+
+
+def test_corpus_listwise_equals_the_plain_kl_and_its_gradient():
+    """KL(softmax(teacher · C) ‖ softmax(student · C)) over the whole corpus, blockwise with a masked-out
+    part, equals the plain [B, N] computation for every member; it is zero when student = teacher."""
+    from esep_jax.objectives.corpus_listwise import corpus_listwise_reference, make_corpus_listwise_loss
+
+    rng = np.random.default_rng(8)
+    _, corpus, _, _ = _inputs(seed=2, docs=53)
+    mask = rng.random(53) < 0.7
+    students = rng.normal(size=(2, 6, 8)).astype(np.float32) * 3
+    teacher = rng.normal(size=(6, 8)).astype(np.float32) * 3
+    mesh = make_data_corpus_mesh(1)
+    sharded = ShardedCorpus(corpus, mesh, chunk=7, mask=mask)
+    loss = make_corpus_listwise_loss(mesh, chunk=7)
+    bias = jnp.where(jnp.asarray(mask), 0.0, -jnp.inf)
+
+    def blockwise(s):
+        return loss(s, jnp.asarray(teacher), sharded.embeddings, sharded.logit_bias)
+    value, grad = jax.jit(jax.value_and_grad(lambda s: blockwise(s).sum()))(jnp.asarray(students))
+    plain = jax.value_and_grad(lambda s: corpus_listwise_reference(s, jnp.asarray(teacher), jnp.asarray(corpus),
+                                                                   bias).sum())
+    expected_value, expected_grad = plain(jnp.asarray(students))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    assert float(value) > 1.0
+    np.testing.assert_allclose(jax.jit(blockwise)(jnp.asarray(teacher)[None]), 0.0, atol=1e-5)
+
+
 def test_mask_and_z_loss():
     queries, corpus, ids, weights = _inputs(seed=1)
     mask = np.random.default_rng(3).random(corpus.shape[0]) < 0.6

@@ -180,12 +180,12 @@ def test_teacher_distillation_alone_learns_from_a_good_teacher(synthetic_dataset
     assert "task_loss" not in record and record["teacher_kl"] > 0  # an inactive term is not computed
 
 
-@pytest.mark.parametrize("signal", ["targets", "pairs", "listwise"])
+@pytest.mark.parametrize("signal", ["targets", "pairs", "listwise", "corpus_listwise"])
 def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, signal):
     """Queries of encoder B = a rotation of A's; distillation onto A's query vectors, onto unlabelled paired
-    texts, or of B's own ranking of the paired texts (listwise, no target vectors at all) recovers A's
-    retrieval quality on A's index."""
-    with_pairs = signal != "targets"
+    texts, of B's own ranking of the paired texts (listwise, no target vectors at all), or of A's ranking of
+    the whole corpus (corpus listwise, no paired texts) recovers A's retrieval quality on A's index."""
+    with_pairs = signal in ("pairs", "listwise")
     sources = write_synthetic_sources(tmp_path / "src", dim=16)
     rng = np.random.default_rng(5)
     rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
@@ -201,8 +201,8 @@ def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, signal
     else:
         args += ["--query-targets", sources["queries"]]
     assert main(args) == 0
-    losses = ["--config.loss.listwise_weight=1"] if (
-        signal == "listwise") else ["--config.loss.distill=mse"]
+    losses = {"listwise": ["--config.loss.listwise_weight=1"],
+              "corpus_listwise": ["--config.loss.corpus_listwise_weight=1"]}.get(signal, ["--config.loss.distill=mse"])
     summary = _train(str(tmp_path / "drift"), tmp_path / "run", *losses,
                      "--config.loss.task_weight=0", "--config.loss.recovery_weight=0",
                      "--config.train.num_steps=200", "--config.optim.learning_rate=5e-2", "--config.optim.weight_decay=1e-4")
@@ -214,9 +214,9 @@ def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, signal
     assert summary["best_dev"]["ndcg@10"] > native - 0.02
 
 
-def test_distillation_without_targets_is_a_clear_error(synthetic_dataset, tmp_path, capsys):
-    code = main(["train", "--data", synthetic_dataset, "--workdir", str(tmp_path / "run"), *FAST,
-                 "--config.loss.distill=cosine"])
+@pytest.mark.parametrize("term", ["--config.loss.distill=cosine", "--config.loss.corpus_listwise_weight=1"])
+def test_distillation_without_targets_is_a_clear_error(synthetic_dataset, tmp_path, capsys, term):
+    code = main(["train", "--data", synthetic_dataset, "--workdir", str(tmp_path / "run"), *FAST, term])
     assert code == 2 and "--query-targets" in capsys.readouterr().err
 
 

@@ -129,3 +129,39 @@ def test_every_run_writes_tensorboard_events_and_training_curves(synthetic_datas
             if tag.startswith("dev/member") and tag.count("/") == 2 and tag.endswith("/ndcg_10")
             } == pytest.approx(dev)  # TensorBoard tags write "@" as "_"
     assert (workdir / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("loss", ["full_corpus", "in_batch"])
+def test_a_task_table_of_only_the_contrasted_documents_trains_exactly_like_the_whole_corpus(
+        tmp_path, monkeypatch, loss):
+    """With `loss.negatives=judged` and few judged documents, the task's corpus table holds only those (the
+    rest would add −inf logits): the same losses and parameters as placing every row, dev still retrieving
+    from the whole corpus."""
+    from conftest import ingest_args, write_synthetic_sources
+    from esep_jax.config import load_config
+    from esep_jax.training import plan
+
+    sources = write_synthetic_sources(tmp_path / "src", num_docs=2000)  # ~500 of 2,000 documents judged
+    assert main(ingest_args(sources, tmp_path / "data")) == 0
+    data = str(tmp_path / "data")
+    config = load_config(None, [f"loss.kind={loss}"])
+    rows = plan.plan_training(config, data).task_rows
+    assert rows is not None and 0 < len(rows) < 0.5 * 2000
+    runs = {}
+    for name, fraction in (("compact", plan.COMPACT_FRACTION), ("whole", 0.0)):
+        monkeypatch.setattr(plan, "COMPACT_FRACTION", fraction)
+        workdir = tmp_path / name
+        assert main(["train", "--data", data, "--workdir", str(workdir), *FAST, f"--config.loss.kind={loss}",
+                     "--config.optim.learning_rate=1e-2"]) == 0
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (records, final_train_state(workdir)[1].params)
+    (compact_records, compact_params), (whole_records, whole_params) = runs["compact"], runs["whole"]
+    assert len(compact_records) == len(whole_records)
+    for a, b in zip(compact_records, whole_records):
+        assert a["kind"] == b["kind"] and a["step"] == b["step"]
+        np.testing.assert_allclose(a.get("loss", 0.0), b.get("loss", 0.0), rtol=1e-4)
+        np.testing.assert_allclose(a.get("ndcg@10", 0.0), b.get("ndcg@10", 0.0), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(compact_params), jax.tree.leaves(whole_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    summary = json.loads((tmp_path / "compact" / "summary.json").read_text())
+    assert summary["best_dev"]["ndcg@10"] > summary["base_dev"]["ndcg@10"] + 0.01

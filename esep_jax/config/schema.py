@@ -100,6 +100,12 @@ class LossConfig:
     listwise_weight: float = 0.0
     listwise_temperature: float = 0.05
     listwise_queries: Literal["train", "paired", "both"] = "both"
+    # Listwise distillation over the whole corpus from A's own query vectors (query drift; needs
+    # `queries/targets`): softmax(<q_A, c> / corpus_listwise_temperature) over A's index teaches the head's
+    # softmax(<f(q_B), c> / τ). It needs no paired texts, so it carries over when few documents are encoded
+    # by both models (docs/drift_e5.md: NFCorpus MiniLM → e5 with 10 % paired texts).
+    corpus_listwise_weight: float = 0.0
+    corpus_listwise_temperature: float = 0.05
     # Matryoshka: prefix sizes (e.g. (64, 128, 256)); the retrieval loss is averaged over these prefixes of the
     # output and corpus dimensions and the full dimension, so one head also serves truncated indexes.
     matryoshka_dims: tuple[int, ...] = ()
@@ -233,13 +239,15 @@ def member_values(config: Config) -> dict[str, tuple[float, ...]]:
 
 
 _POSITIVE = ("loss.temperature", "loss.max_positives", "loss.teacher_temperature", "loss.listwise_temperature",
+             "loss.corpus_listwise_temperature",
              "optim.learning_rate", "train.batch_size", "train.num_steps", "train.eval_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.corpus_shards",
              "train.corpus_chunk", "eval.top_k", "eval.query_chunk", "eval.corpus_chunk", "ensemble.members",
              "model.rank", "model.hidden_dim", "train.memory_fraction", "model.gate_neighbours", "model.gate_width",
              "model.gate_anchors", "loss.logit_adjustment_smoothing")
 _NON_NEGATIVE = ("loss.recovery_weight", "loss.z_loss", "loss.task_weight", "loss.teacher_weight",
-                 "loss.distill_weight", "loss.listwise_weight", "loss.random_negatives", "optim.weight_decay",
+                 "loss.distill_weight", "loss.listwise_weight", "loss.corpus_listwise_weight",
+                 "loss.random_negatives", "optim.weight_decay",
                  "optim.warmup_steps", "optim.grad_clip_norm", "optim.end_learning_rate_fraction",
                  "train.micro_batch_size", "train.prefetch", "train.patience", "model.dropout", "loss.logit_adjustment",
                  "train.new_document_fraction", "train.harm_tolerance", "train.min_improvement")

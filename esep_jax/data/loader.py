@@ -29,8 +29,13 @@ class TrainBatches:
 
     def __init__(self, dataset: Dataset, qrels: Qrels, *, batch_size: int, max_positives: int, seed: int,
                  grade_weighting: str = "linear", relevance_level: int = 1, prefetch: int = 2,
-                 shard_index: int = 0, shard_count: int = 1, signals: Sequence[BatchSignal] = ()):
+                 shard_index: int = 0, shard_count: int = 1, signals: Sequence[BatchSignal] = (),
+                 positive_rows: np.ndarray | None = None):
+        """`positive_rows` ([N] int, optional): maps each corpus row to its row in the task's corpus table when
+        that table holds only some documents; a batch's `positive_ids` are then rows of that table (signals
+        still see corpus rows)."""
         self.dataset = dataset
+        self.positive_rows = positive_rows
         self.batch_size = batch_size
         self.seed = seed
         self.prefetch = prefetch
@@ -89,6 +94,8 @@ class TrainBatches:
         if isinstance(queries, tuple):  # an asynchronous read of the distinct rows
             read, inverse = queries
             queries = read.result().astype(np.float32)[inverse]
+        if self.positive_rows is not None:
+            ids = np.where(ids >= 0, self.positive_rows[np.maximum(ids, 0)], PADDING).astype(np.int32)
         batch = {"queries": queries, "positive_ids": ids, "positive_weights": weights}
         for signal, signal_pending in zip(self.signals, started):
             batch.update(signal.finish(signal_pending))

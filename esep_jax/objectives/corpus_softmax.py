@@ -42,6 +42,7 @@ DATA, CORPUS = "data", "corpus"
 # fewer, larger scan steps cost less loop overhead there).
 CPU_TILE_BYTES = 16 * 2**20
 CPU_MIN_CHUNK = 256
+CPU_ROW_BLOCK = 4096
 
 
 def make_data_corpus_mesh(corpus_shards: int = 1, devices=None) -> Mesh:
@@ -62,9 +63,18 @@ class ShardedCorpus:
     """
 
     def __init__(self, embeddings, mesh: Mesh, chunk: int = 8192, dtype=jnp.float32,
-                 mask: np.ndarray | None = None, logit_bias: np.ndarray | None = None):
-        """`embeddings`: anything sliceable by rows into numpy (an array, a memory map, a tensorstore)."""
+                 mask: np.ndarray | None = None, logit_bias: np.ndarray | None = None,
+                 rows: np.ndarray | None = None):
+        """`embeddings`: anything sliceable by rows into numpy (an array, a memory map, a tensorstore).
+
+        `rows` (sorted row numbers of `embeddings`): place only those, in that order — the documents a task
+        softmax contrasts against, when most are excluded. `mask` and `logit_bias` index the rows of
+        `embeddings` either way."""
         num_documents, self.dim = embeddings.shape
+        if rows is not None:
+            mask = None if mask is None else mask[rows]
+            logit_bias = None if logit_bias is None else logit_bias[rows]
+            num_documents = len(rows)
         shards = mesh.shape[CORPUS]
         per_shard = -(-num_documents // shards)
         self.chunk = int(min(chunk, per_shard))
@@ -78,14 +88,14 @@ class ShardedCorpus:
         storage = np.dtype(dtype)
         self.host_bytes_read = 0  # corpus bytes this process read (its own devices' rows only)
 
-        def rows(index) -> np.ndarray:
+        def device_rows(index) -> np.ndarray:
             # Each device's block is read on its own, so the host never holds a padded copy of the corpus
             # (and a process of a multi-host job reads only the rows of its own devices).
             start, stop, _ = index[0].indices(padded_rows)
             block = np.zeros((stop - start, self.dim), storage)
             real_stop = min(stop, num_documents)
             if start < real_stop:
-                values = embeddings[start:real_stop]
+                values = embeddings[start:real_stop] if rows is None else embeddings[rows[start:real_stop]]
                 values = values.read().result() if hasattr(values, "read") else values
                 block[:real_stop - start] = values  # cast on assignment: no third copy of the shard
                 self.host_bytes_read += block[:real_stop - start].nbytes
@@ -97,7 +107,7 @@ class ShardedCorpus:
         # would hold every block on the host before placing them, twice the corpus at the peak).
         pieces = []
         for device, index in sharding.addressable_devices_indices_map(shape).items():
-            pieces.append(jax.device_put(rows(index), device))
+            pieces.append(jax.device_put(device_rows(index), device))
             jax.block_until_ready(pieces[-1])
         self.embeddings = jax.make_array_from_single_device_arrays(shape, sharding, pieces)
         self.logit_bias = jax.make_array_from_callback((padded_rows,), sharding, lambda index: full_bias[index])
@@ -107,8 +117,33 @@ class ShardedCorpus:
         return int(self.embeddings.size * self.embeddings.dtype.itemsize)
 
 
-def _scan_local_corpus(queries, corpus, bias, chunk):
-    """One device: (running max [B], normaliser [B], weighted row sum [B, d]) over its corpus rows."""
+def scan_local_corpus(queries, corpus, bias, chunk):
+    """One device: (running max [B], normaliser [B], weighted row sum [B, d]) over its corpus rows.
+
+    On a CPU many rows (an ensemble's folded members) are scanned in row blocks of at most `CPU_ROW_BLOCK`,
+    each over the whole corpus: the running weighted sum `[rows, d]` is rescaled and accumulated at every
+    chunk, and for 16,384 rows it is 25 MB — streamed through memory hundreds of times per step — where a
+    block's stays in cache. Re-reading the corpus per block costs less than that stream."""
+    rows = queries.shape[0]
+    block = row_block(rows)
+    if block == rows:
+        return _scan_rows(queries, corpus, bias, chunk)
+    parts = jax.lax.map(lambda q: _scan_rows(q, corpus, bias, chunk), queries.reshape(rows // block, block, -1))
+    running_max, normaliser, weighted_sum = parts
+    return running_max.reshape(rows), normaliser.reshape(rows), weighted_sum.reshape(rows, -1)
+
+
+def row_block(rows: int, backend: str | None = None) -> int:
+    """Query rows per corpus scan on one device: all of them, or on a CPU halved to at most `CPU_ROW_BLOCK`
+    (halving keeps it a divisor of `rows`)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return rows
+    while rows % 2 == 0 and rows > CPU_ROW_BLOCK:
+        rows //= 2
+    return rows
+
+
+def _scan_rows(queries, corpus, bias, chunk):
     chunk = scan_chunk(min(chunk, corpus.shape[0]), queries.shape[0])  # ShardedCorpus pads to a multiple
     num_chunks = corpus.shape[0] // chunk
     blocks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
@@ -161,30 +196,37 @@ def _local_positive_sums(corpus, bias, targets, positive_ids):
     return jnp.einsum("bp,bpd->bd", weights, rows), bias_sum
 
 
-def _forward_shard(queries, corpus, bias, positive_ids, targets, *, temperature, z_loss, chunk):
-    """Per-device forward: the per-query loss and its gradient with respect to the (unscaled) queries.
-
-    `queries` may carry a leading member axis `[E, b, d]` (an ensemble sharing the batch's positives); the
-    members are folded into the rows of one scan, so the corpus is read once for all of them.
-    """
-    if queries.ndim == 3:
-        members, rows = queries.shape[0], queries.shape[1]
-        loss, gradient = _forward_shard(
-            queries.reshape(members * rows, -1), corpus, bias, jnp.tile(positive_ids, (members, 1)),
-            jnp.tile(targets, (members, 1)), temperature=temperature, z_loss=z_loss, chunk=chunk)
-        return loss.reshape(members, rows), gradient.reshape(queries.shape)
-    scaled = queries.astype(jnp.float32) / temperature
-    local_max, local_normaliser, local_sum = _scan_local_corpus(scaled, corpus, bias, chunk)
+def corpus_softmax_summaries(rows, corpus, bias, chunk):
+    """Inside `shard_map`: per row of already-scaled vectors, over the whole corpus sharded along `corpus`,
+    (LSE_j(<r, c_j> + b_j) [R], the softmax-weighted corpus row E_p[c] [R, d]) — exact: the devices' partial
+    (max, normaliser, weighted sum) triples are combined with pmax/psum."""
+    local_max, local_normaliser, local_sum = scan_local_corpus(rows, corpus, bias, chunk)
     global_max = jax.lax.pmax(local_max, CORPUS)
     rescale = jnp.exp(local_max - global_max)
     normaliser = jax.lax.psum(local_normaliser * rescale, CORPUS)
     expected_row = jax.lax.psum(local_sum * rescale[:, None], CORPUS) / normaliser[:, None]
+    return global_max + jnp.log(normaliser), expected_row
+
+
+def _forward_shard(queries, corpus, bias, positive_ids, targets, *, temperature, z_loss, chunk):
+    """Per-device forward: the per-query loss and its gradient with respect to the (unscaled) queries.
+
+    `queries` may carry a leading member axis `[E, b, d]` (an ensemble sharing the batch's positives); the
+    members are folded into the rows of one scan, so the corpus is read once for all of them, and the
+    positives' rows are gathered once for all members.
+    """
+    members_axis = queries.ndim == 3
+    stacked = queries if members_axis else queries[None]
+    members, rows, dim = stacked.shape
+    scaled = stacked.astype(jnp.float32) / temperature
+    log_normaliser, expected_row = corpus_softmax_summaries(scaled.reshape(members * rows, dim), corpus, bias, chunk)
+    log_normaliser = log_normaliser.reshape(members, rows)
+    expected_row = expected_row.reshape(members, rows, dim)
     positive_row, positive_bias = jax.lax.psum(_local_positive_sums(corpus, bias, targets, positive_ids), CORPUS)
-    log_normaliser = global_max + jnp.log(normaliser)
-    positive_score = jnp.einsum("bd,bd->b", scaled, positive_row) + positive_bias
+    positive_score = jnp.einsum("ebd,bd->eb", scaled, positive_row) + positive_bias
     loss = log_normaliser - positive_score + z_loss * jnp.square(log_normaliser)
-    gradient = ((1.0 + 2.0 * z_loss * log_normaliser)[:, None] * expected_row - positive_row) / temperature
-    return loss, gradient
+    gradient = ((1.0 + 2.0 * z_loss * log_normaliser)[..., None] * expected_row - positive_row) / temperature
+    return (loss, gradient) if members_axis else (loss[0], gradient[0])
 
 
 def make_corpus_softmax_loss(mesh: Mesh, *, temperature: float, z_loss: float = 0.0, chunk: int = 8192):

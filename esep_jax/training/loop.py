@@ -129,7 +129,7 @@ def _set_up(plan: TrainingPlan, workdir: Path, timings: dict) -> _Session:
     # closed-form fits, Matryoshka prefixes); otherwise every process reads just its own corpus shard.
     needs_host = needs_host_corpus(config, plan.signals)
     host_corpus = dataset.read_corpus() if needs_host else None
-    contrasted = _contrasted_documents(config, dataset, plan.train_qrels)
+    contrasted = plan.contrasted
     dims = config.loss.matryoshka_dims
     scored_corpus = prefix_corpus(host_corpus, dims) if dims else (host_corpus if needs_host else
                                                                     dataset.corpus_table())
@@ -138,14 +138,18 @@ def _set_up(plan: TrainingPlan, workdir: Path, timings: dict) -> _Session:
         bias = (logit_adjustment(plan.train_qrels, dataset.num_documents, config.loss.logit_adjustment,
                                  config.loss.logit_adjustment_smoothing, config.eval.relevance_level)
                 if config.loss.logit_adjustment else None)
-        corpus = ShardedCorpus(scored_corpus, mesh, tc.corpus_chunk, corpus_dtype, mask=contrasted, logit_bias=bias)
+        corpus = ShardedCorpus(scored_corpus, mesh, tc.corpus_chunk, corpus_dtype, mask=contrasted, logit_bias=bias,
+                               rows=plan.task_rows)
         tables[CORPUS] = (corpus.embeddings, corpus.logit_bias)
-    # Dev retrieves from the same device corpus (its shards), or from its own when the task scores prefixes.
-    if CORPUS not in plan.tables or dims:
+    corpus_bytes = 0 if CORPUS not in plan.tables else corpus.host_bytes_read
+    # Dev retrieves from the same device corpus (its shards), or from its own when the task scores prefixes
+    # or holds only the contrasted documents.
+    if CORPUS not in plan.tables or dims or plan.task_rows is not None:
         corpus = ShardedCorpus(host_corpus if host_corpus is not None else dataset.corpus_table(), mesh,
                                tc.corpus_chunk, corpus_dtype)
+        corpus_bytes += corpus.host_bytes_read
     index = ShardedExactIndex(corpus.embeddings, dataset.num_documents, mesh, corpus.chunk)
-    corpus_bytes = corpus.host_bytes_read + (0 if host_corpus is None else host_corpus.nbytes)
+    corpus_bytes += 0 if host_corpus is None else host_corpus.nbytes
     if PAIRED in plan.tables:
         tables[PAIRED] = _paired_tables(config, dataset, replicated)
     # Which rows of each global batch this process loads (the same ones as its peers on the same data shards).
@@ -155,7 +159,9 @@ def _set_up(plan: TrainingPlan, workdir: Path, timings: dict) -> _Session:
     batches = TrainBatches(dataset, plan.train_qrels, batch_size=tc.batch_size, max_positives=config.loss.max_positives,
                            seed=tc.seed, grade_weighting=config.loss.grade_weighting,
                            relevance_level=config.eval.relevance_level, prefetch=tc.prefetch,
-                           shard_index=slice_index, shard_count=slice_count, signals=signals)
+                           shard_index=slice_index, shard_count=slice_count, signals=signals,
+                           positive_rows=None if plan.task_rows is None else _row_map(plan.task_rows,
+                                                                                       dataset.num_documents))
     head, optimizer, schedule, fresh_state = run_components(config, dataset.query_dim, dataset.corpus_dim)
     train_step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, plan.terms), donate_argnums=(0,))
     state = jax.device_put(fresh_state(), replicated)
@@ -374,13 +380,11 @@ def _paired_tables(config, dataset, sharding: NamedSharding) -> tuple:
     return tuple(tables)
 
 
-def _contrasted_documents(config, dataset, train_qrels) -> np.ndarray:
-    """Documents the task softmax contrasts against: all, or those relevant to a training query."""
-    if config.loss.negatives == "all":
-        return np.ones(dataset.num_documents, bool)
-    mask = np.zeros(dataset.num_documents, bool)
-    mask[train_qrels.doc_rows[train_qrels.grades >= config.eval.relevance_level]] = True
-    return mask
+def _row_map(rows: np.ndarray, num_documents: int) -> np.ndarray:
+    """Corpus row → its row in a table of only `rows` (−1 where absent)."""
+    row_map = np.full(num_documents, -1, np.int32)
+    row_map[rows] = np.arange(len(rows), dtype=np.int32)
+    return row_map
 
 
 class _StopRequest:

@@ -17,7 +17,7 @@ import jax
 
 from esep_jax.config import Config
 from esep_jax.errors import InputError
-from esep_jax.objectives.corpus_softmax import scan_chunk
+from esep_jax.objectives.corpus_softmax import row_block, scan_chunk
 
 GiB = 1 << 30
 
@@ -47,30 +47,35 @@ def activation_count(head, query_dim: int) -> int:
 
 def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_dim: int, num_documents: int,
              num_positives: int, dev_queries: int, corpus_on_device: bool, signals: frozenset[str],
-             host_corpus: bool) -> dict:
+             host_corpus: bool, task_documents: int | None = None) -> dict:
     """Estimated bytes by part (device and host) and in total, for this machine's share of the corpus (all of it
-    on one host; a host of a multi-host job holds its corpus shards only)."""
+    on one host; a host of a multi-host job holds its corpus shards only). `task_documents`: rows of the task's
+    corpus table when it holds only the contrasted documents (dev evaluation then has its own index)."""
     tc, members = config.train, config.ensemble.members
     corpus_bytes = 2 if tc.corpus_dtype == "bfloat16" else 4
     micro = tc.micro_batch_size or tc.batch_size
-    local_documents = -(-num_documents // max(1, min(jax.process_count(), tc.corpus_shards)))
-    # Dev retrieves from the training corpus's own device arrays unless the task scores Matryoshka prefixes.
-    separate_index = not corpus_on_device or scored_dim != corpus_dim
+    shards = max(1, min(jax.process_count(), tc.corpus_shards))
+    local_documents = -(-num_documents // shards)
+    task_documents = num_documents if task_documents is None else task_documents
+    local_task_documents = -(-task_documents // shards)
+    # Dev retrieves from the training corpus's own device arrays unless the task scores Matryoshka prefixes
+    # or holds only the contrasted documents.
+    separate_index = not corpus_on_device or scored_dim != corpus_dim or task_documents < num_documents
     activations = activation_count(head, query_dim)
+    block = row_block(micro * members)  # query rows per corpus scan (an ensemble's members are folded in)
     parts = {
         # params, Adam's two moments and the best params [E, ...] float32; the update's gradients, moments and
         # parameters before donation frees the old ones; and the host copies a checkpoint save takes
         "train state": 10 * 4 * members * parameter_count(head, query_dim),
         # every layer's output, kept for the backward pass (and its gradient), per member and query
         "head activations": 3 * 4 * micro * members * activations,
-        "corpus on device": local_documents * scored_dim * corpus_bytes if corpus_on_device else 0,
+        "corpus on device": local_task_documents * scored_dim * corpus_bytes if corpus_on_device else 0,
         "evaluation index": local_documents * corpus_dim * corpus_bytes if separate_index else 0,
         # queries and positives (ids and weights), twice for the read-ahead and the device copy
         "batch": 2 * tc.batch_size * (4 * query_dim + 8 * num_positives),
-        # the scan's scores/probabilities [b·E, chunk] and its running sums [b·E, d], a few of each live at once
-        "full-corpus scan": 4 * micro * members * (3 * scan_chunk(min(tc.corpus_chunk, local_documents),
-                                                                  micro * members) + 3 * scored_dim)
-        if corpus_on_device else 0,
+        # the scan's scores/probabilities [row block, chunk] and its running sums [b·E, d], a few of each live
+        "full-corpus scan": 3 * 4 * (block * scan_chunk(min(tc.corpus_chunk, local_task_documents), block)
+                                     + micro * members * scored_dim) if corpus_on_device else 0,
         "dev evaluation": 4 * dev_queries * members * (corpus_dim + activations)
         + 4 * config.eval.query_chunk * min(config.eval.corpus_chunk, num_documents) * 3,
         "host corpus": 4 * num_documents * corpus_dim if host_corpus else 0,
@@ -80,7 +85,7 @@ def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_di
     if corpus_on_device and tc.corpus_dtype == "bfloat16" and jax.default_backend() == "cpu":
         # XLA's CPU backend has no bfloat16 dot: it converts the corpus operand to float32 and hoists that
         # convert out of the scan, over the whole corpus (docs/performance.md, "MS MARCO scale").
-        parts["float32 copy of the corpus (CPU)"] = local_documents * scored_dim * 4
+        parts["float32 copy of the corpus (CPU)"] = local_task_documents * scored_dim * 4
     if "sampled_candidates" in signals:
         candidates = num_positives + 32 + config.loss.random_negatives
         parts["candidate vectors"] = 2 * 4 * tc.batch_size * candidates * scored_dim

@@ -39,6 +39,9 @@ class TrainingPlan:
     terms: list[Term]
     mesh: Mesh
     memory: dict  # estimated bytes by part
+    contrasted: np.ndarray  # [N] bool: the documents the task softmax contrasts against
+    # Sorted rows of the documents placed as the task's corpus table, or None for every row (see `task_rows`).
+    task_rows: np.ndarray | None = None
 
     @property
     def signals(self) -> frozenset[str]:
@@ -127,6 +130,28 @@ def needs_host_corpus(config: Config, signals: frozenset[str]) -> bool:
         bool(config.loss.matryoshka_dims)
 
 
+def contrasted_documents(config: Config, num_documents: int, train_qrels: Qrels) -> np.ndarray:
+    """Documents the task softmax contrasts against: all, or those relevant to a training query."""
+    if config.loss.negatives == "all":
+        return np.ones(num_documents, bool)
+    mask = np.zeros(num_documents, bool)
+    mask[train_qrels.doc_rows[train_qrels.grades >= config.eval.relevance_level]] = True
+    return mask
+
+
+# The task's corpus table holds only the contrasted documents when they are at most this share of the corpus:
+# the excluded rows would only add −inf logits, so the step's work shrinks by their share (the demo contrasts
+# a third of its functions: 3× fewer FLOPs per step), and dev evaluation then keeps its own full index, an
+# extra table of at most this share of the corpus.
+COMPACT_FRACTION = 0.5
+
+
+def task_rows(contrasted: np.ndarray) -> np.ndarray | None:
+    """The rows to place as the task's corpus table: the contrasted ones when few enough, else None (all)."""
+    count = int(contrasted.sum())
+    return np.flatnonzero(contrasted) if count <= COMPACT_FRACTION * contrasted.shape[0] else None
+
+
 def plan_training(config: Config, data: str) -> TrainingPlan:
     """Checks a run of `config` on `data` end to end without writing anything; see the module docstring."""
     dataset = Dataset(data)
@@ -143,11 +168,15 @@ def plan_training(config: Config, data: str) -> TrainingPlan:
     dims = config.loss.matryoshka_dims
     scored_dim = dataset.corpus_dim + sum(k for k in set(dims) if k < dataset.corpus_dim)
     max_positives = int(np.diff(train_qrels.offsets).max(initial=1))
+    contrasted = contrasted_documents(config, dataset.num_documents, train_qrels)
+    rows = task_rows(contrasted) if CORPUS in needed_tables(terms) else None
     estimate = memory.estimate(
         config, head=head, query_dim=dataset.query_dim, corpus_dim=dataset.corpus_dim, scored_dim=scored_dim,
-        num_documents=dataset.num_documents, num_positives=min(config.loss.max_positives, max_positives),
+        num_documents=dataset.num_documents, task_documents=dataset.num_documents if rows is None else len(rows),
+        num_positives=min(config.loss.max_positives, max_positives),
         dev_queries=dev_qrels.num_queries, corpus_on_device=CORPUS in needed_tables(terms),
         signals=needed_signals(terms), host_corpus=needs_host_corpus(config, needed_signals(terms)))
     memory.check_fits(estimate, config)
     return TrainingPlan(config=config, dataset=dataset, train_qrels=train_qrels, dev_qrels=dev_qrels,
-                        dev_name=dev_name, held_out_documents=held_out, terms=terms, mesh=mesh, memory=estimate)
+                        dev_name=dev_name, held_out_documents=held_out, terms=terms, mesh=mesh, memory=estimate,
+                        contrasted=contrasted, task_rows=rows)
