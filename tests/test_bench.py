@@ -75,6 +75,19 @@ def test_time_to_head_and_host_benchmarks_run(synthetic_dataset, tmp_path, capsy
     assert "esep-jax" in out and "pytorch" in out and "speed-up" in out
     record = json.loads((tmp_path / "t.json").read_text())
     assert record["esep_jax"]["dev_ndcg@10"] > 0 and record["pytorch"]["dev_ndcg@10"] > 0
+    assert "sooner for a head of equal or better dev: " + ("yes" if record["sooner_for_equal_dev"] else "no") in out
+    curve = record["pytorch"]["curve"]
+    assert curve[0][0] == 0 and max(score for *_, score in curve) == record["pytorch"]["dev_ndcg@10"]
+    reached = record["pytorch_s_to_equal_dev"]
+    assert reached is None or 0 < reached <= record["pytorch"]["wall_s"]
+
+
+def test_the_pytorch_loop_reaches_a_dev_score_when_its_curve_first_does():
+    from esep_jax.bench.end_to_end import time_to_reach
+
+    loop = {"wall_s": 12.0, "total_s": 10.0, "curve": [(0, 1.0, 0.30), (100, 4.0, 0.33), (200, 7.0, 0.35)]}
+    assert time_to_reach(loop, 0.33) == 2.0 + 4.0 and time_to_reach(loop, 0.34) == 2.0 + 7.0
+    assert time_to_reach(loop, 0.36) is None
 
 
 def test_bench_scale_writes_a_synthetic_corpus_block_by_block_then_steps_and_evaluates(tmp_path, capsys):

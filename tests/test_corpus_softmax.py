@@ -136,6 +136,27 @@ def test_bfloat16_corpus_accumulates_in_float32():
     assert np.linalg.norm(grad - expected_grad) / np.linalg.norm(expected_grad) < 2e-2
 
 
+def test_a_bfloat16_corpus_on_a_cpu_is_placed_as_its_bits_and_never_widened_whole():
+    """XLA's CPU backend would convert a whole bfloat16 corpus to float32 ahead of the scan; placed as uint16
+    bit patterns, chunks are widened inside the scan (exactly: the bits are the float32's high half), so the
+    compiled step's scratch memory is far below even one float32 copy of the corpus."""
+    from esep_jax.objectives.corpus_softmax import widen
+
+    values = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.bfloat16)
+    np.testing.assert_array_equal(widen(jax.lax.bitcast_convert_type(values, jnp.uint16)), values.astype(jnp.float32))
+    mesh = make_data_corpus_mesh(1)
+    _, corpus, ids, weights = _inputs(seed=2, docs=65536, dim=64)
+    sharded = ShardedCorpus(corpus, mesh, chunk=1024, dtype=jnp.bfloat16)
+    assert sharded.embeddings.dtype == jnp.uint16 and sharded.nbytes == corpus.size * 2
+    np.testing.assert_array_equal(widen(sharded.embeddings[:5]), jnp.asarray(corpus[:5], jnp.bfloat16).astype(jnp.float32))
+    loss = make_corpus_softmax_loss(mesh, temperature=0.05, chunk=1024)
+    queries = jnp.zeros((256, 64), jnp.float32)
+    step = jax.jit(jax.grad(lambda q: loss(q, sharded, jnp.asarray(ids[:1].repeat(256, 0)),
+                                            jnp.asarray(weights[:1].repeat(256, 0))).sum()))
+    scratch = step.lower(queries).compile().memory_analysis().temp_size_in_bytes
+    assert scratch < 0.25 * corpus.size * 4, scratch  # a widened copy of the corpus would be corpus.size * 4
+
+
 def test_large_logits_stay_finite():
     queries, corpus, ids, weights = _inputs(seed=4)
     loss, grad = _blockwise(queries * 1e3, corpus, ids, weights, 0.01, 5)

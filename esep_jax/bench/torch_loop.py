@@ -62,6 +62,7 @@ def train(data: str, *, steps: int = 2000, batch: int = 256, lr: float = 5e-4, w
 
     identity = torch.eye(corpus.shape[1])
     best, best_step, stale = dev_ndcg(identity), 0, 0
+    curve = [(0, time.perf_counter() - started, best)]  # (step, seconds since start, dev nDCG@10)
     best_weights = identity.clone()  # noqa: F841
     generator = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
@@ -77,6 +78,7 @@ def train(data: str, *, steps: int = 2000, batch: int = 256, lr: float = 5e-4, w
         schedule.step()
         if step % eval_every == 0 or step == steps:
             score = dev_ndcg(identity + residual.detach())
+            curve.append((step, time.perf_counter() - started, score))
             if score > best:
                 best, best_step, stale = score, step, 0
                 best_weights = identity + residual.detach().clone()  # noqa: F841 (kept, as a user would)
@@ -85,7 +87,7 @@ def train(data: str, *, steps: int = 2000, batch: int = 256, lr: float = 5e-4, w
                 if stale >= patience:
                     break
     return {"total_s": time.perf_counter() - started, "steps": step, "best_step": best_step,
-            "dev_ndcg@10": best, "threads": torch.get_num_threads()}
+            "dev_ndcg@10": best, "threads": torch.get_num_threads(), "curve": curve}
 
 
 if __name__ == "__main__":

@@ -192,6 +192,10 @@ def _run_time_to_head(args) -> int:
     print(f"{'pytorch':<10}{theirs['wall_s']:>9.1f}{theirs['dev_ndcg@10']:>13.4f}{theirs['best_step']!s:>11}")
     print(f"speed-up {result['speedup']:.2f}x; esep-jax's time: "
           + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in ours["timings"].items()))
+    reached = result["pytorch_s_to_equal_dev"]
+    print("pytorch never reached esep-jax's dev nDCG@10" if reached is None else
+          f"pytorch first reached esep-jax's dev nDCG@10 after {reached:.1f} s")
+    print(f"esep-jax sooner for a head of equal or better dev: {'yes' if result['sooner_for_equal_dev'] else 'no'}")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0

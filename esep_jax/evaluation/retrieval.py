@@ -8,10 +8,11 @@ O(query_chunk · corpus_chunk) beyond the corpus, and the host only ever sees `[
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from esep_jax.objectives.corpus_softmax import widen
 
 
 def _scan_top_k(queries: jax.Array, blocks: jax.Array, num_documents, k: int, offset=0):
@@ -21,6 +22,7 @@ def _scan_top_k(queries: jax.Array, blocks: jax.Array, num_documents, k: int, of
     def scan_block(carry, block_and_index):
         best_scores, best_rows = carry
         block, index = block_and_index
+        block = widen(block)  # a bfloat16 corpus placed on a CPU as its bits
         scores = jnp.einsum("qd,nd->qn", queries.astype(block.dtype), block, preferred_element_type=jnp.float32)
         rows = offset + index * block_size + jnp.arange(block_size, dtype=jnp.int32)
         scores = jnp.where(rows[None, :] < num_documents, scores, -jnp.inf)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from esep_jax.objectives import matryoshka
+from esep_jax.objectives.corpus_softmax import widen
 from esep_jax.objectives.registry import CORPUS, Term, TermInputs, register_term
 
 
@@ -44,7 +45,7 @@ class InBatchSoftmax(Term):
     def __call__(self, inputs: TermInputs) -> jax.Array:
         positive_ids, positive_weights = inputs.batch["positive_ids"], inputs.batch["positive_weights"]
         sampled = sample_positive(jax.random.fold_in(inputs.key, 1), positive_ids, positive_weights)
-        documents = inputs.tables[CORPUS][0][sampled]
+        documents = widen(inputs.tables[CORPUS][0][sampled])
         return jax.vmap(lambda v: in_batch_softmax_loss(v, documents, sampled, positive_ids, positive_weights,
                                                         1.0))(inputs.scaled).sum(axis=1)
 

@@ -82,10 +82,6 @@ def estimate(config: Config, *, head, query_dim: int, corpus_dim: int, scored_di
         # placing the corpus: one device's rows at a time pass through the host before they reach the device
         "corpus placement": local_documents * scored_dim * corpus_bytes // max(1, jax.local_device_count()),
     }
-    if corpus_on_device and tc.corpus_dtype == "bfloat16" and jax.default_backend() == "cpu":
-        # XLA's CPU backend has no bfloat16 dot: it converts the corpus operand to float32 and hoists that
-        # convert out of the scan, over the whole corpus (docs/performance.md, "MS MARCO scale").
-        parts["float32 copy of the corpus (CPU)"] = local_task_documents * scored_dim * 4
     if "sampled_candidates" in signals:
         candidates = num_positives + 32 + config.loss.random_negatives
         parts["candidate vectors"] = 2 * 4 * tc.batch_size * candidates * scored_dim
