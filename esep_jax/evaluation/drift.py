@@ -129,6 +129,8 @@ def _describe(config) -> str:
         parts.append(f"distill {loss.distill}" + (f" x{loss.distill_weight:g}" if loss.task_weight > 0 else ""))
     if loss.listwise_weight > 0:
         parts.append(f"listwise ({loss.listwise_queries}) x{loss.listwise_weight:g}")
+    if loss.corpus_listwise_weight > 0:
+        parts.append(f"corpus listwise x{loss.corpus_listwise_weight:g}")
     if config.model.init != "identity":
         parts.append(f"init {config.model.init}")
     return ", ".join(parts)
