@@ -161,3 +161,27 @@ def test_large_logits_stay_finite():
     queries, corpus, ids, weights = _inputs(seed=4)
     loss, grad = _blockwise(queries * 1e3, corpus, ids, weights, 0.01, 5)
     assert np.isfinite(loss).all() and np.isfinite(grad).all()
+
+
+def test_scores_that_climb_past_the_lazy_shift_and_a_masked_first_chunk_are_exact():
+    """On a CPU the running sums keep their shift until a chunk's scores exceed it by `LAZY_RESCALE`: a corpus
+    whose scores climb chunk by chunk (each chunk's max 8 above the last, so some chunks rebase and some do
+    not), behind a first chunk that is entirely masked out, gives the plain loss and gradient."""
+    from esep_jax.objectives.corpus_softmax import LAZY_RESCALE
+
+    rng = np.random.default_rng(9)
+    direction = rng.normal(size=8)
+    direction /= np.linalg.norm(direction)
+    corpus = rng.normal(size=(60, 8)) * 0.05
+    corpus += np.repeat(np.arange(12) * 0.08, 5)[:, None] * direction  # 12 chunks of 5, climbing
+    queries = (direction + 0.1 * rng.normal(size=(6, 8))) * 1.0
+    mask = np.ones(60, bool)
+    mask[:5] = False
+    ids = rng.integers(5, 60, size=(6, 3)).astype(np.int32)
+    weights = np.ones((6, 3), np.float32)
+    climb = np.diff([(corpus[i:i + 5] @ direction).max() / 0.01 for i in range(5, 60, 5)])
+    assert (climb < LAZY_RESCALE).all() and climb.sum() > 3 * LAZY_RESCALE  # both paths are taken
+    expected_loss, expected_grad = _reference(queries, corpus, ids, weights, 0.01, mask)
+    loss, grad = _blockwise(queries, corpus, ids, weights, 0.01, 5, mask)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
