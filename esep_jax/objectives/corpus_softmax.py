@@ -17,13 +17,14 @@ a softmax-weighted sum of corpus rows. Like flash attention with V = the corpus,
 a running max, a running normaliser and the running weighted sum of rows, so the forward pass already holds the
 gradient and the custom VJP needs no second pass. Memory is O(B·chunk + N·d); no `[B, N]` matrix exists.
 
-On a CPU three things keep the scan in cache and in memory: the chunk shrinks so a `[rows, chunk]` score tile is
+On a CPU four things keep the scan in cache and in memory: the chunk shrinks so a `[rows, chunk]` score tile is
 about `CPU_TILE_BYTES` (`scan_chunk`), many rows (an ensemble's folded members) are scanned in row blocks so the
-running sums stay in cache (`row_block`), and a bfloat16 corpus is placed as its raw bits and widened chunk by
-chunk (`packs_bfloat16`, `widen`), since XLA's CPU backend would otherwise convert the whole corpus up front.
+running sums stay in cache (`row_block`), the running sums are rescaled only when the max has grown by
+`LAZY_RESCALE` (`_scan_rows`), and a bfloat16 corpus is placed as its raw bits and widened chunk by chunk
+(`packs_bfloat16`, `widen`), since XLA's CPU backend would otherwise convert the whole corpus up front.
 
 Sharding: on a mesh with axes (data, corpus), queries are split over `data` and corpus rows over `corpus`. Each
-device scans its own rows; the partial (max, normaliser, weighted sum) triples are combined across `corpus`
+device scans its own rows; the partial (shift, normaliser, weighted sum) triples are combined across `corpus`
 with pmax/psum, which is exact. The backward pass is elementwise on data-sharded arrays (no collectives), and
 gradients of replicated head parameters are reduced over `data` by the surrounding `jax.jit`.
 """
