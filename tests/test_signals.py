@@ -214,6 +214,16 @@ def test_distillation_maps_a_rotated_encoder_back_without_qrels(tmp_path, signal
     assert summary["best_dev"]["ndcg@10"] > native - 0.02
 
 
+def test_corpus_listwise_with_matryoshka_prefixes_is_a_clear_error(tmp_path, capsys):
+    sources = write_synthetic_sources(tmp_path / "src", dim=16)
+    assert main(ingest_args(sources, tmp_path / "data") + ["--query-targets", sources["queries"]]) == 0
+    code = main(["train", "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "run"), *FAST,
+                 "--config.loss.corpus_listwise_weight=1", "--config.loss.matryoshka_dims=8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "matryoshka_dims" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("term", ["--config.loss.distill=cosine", "--config.loss.corpus_listwise_weight=1"])
 def test_distillation_without_targets_is_a_clear_error(synthetic_dataset, tmp_path, capsys, term):
     code = main(["train", "--data", synthetic_dataset, "--workdir", str(tmp_path / "run"), *FAST, term])

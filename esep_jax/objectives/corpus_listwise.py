@@ -103,6 +103,9 @@ def _factory(config, dataset):
     if loss.kind != "full_corpus":
         raise InputError("loss.corpus_listwise_weight needs loss.kind=full_corpus (it scans the placed corpus)",
                          field="config.loss.corpus_listwise_weight")
+    if loss.matryoshka_dims:  # the task table then holds prefix blocks side by side, not A's index
+        raise InputError("loss.corpus_listwise_weight cannot be combined with loss.matryoshka_dims",
+                         field="config.loss.corpus_listwise_weight")
     if dataset is None or not dataset.has_query_targets:
         raise InputError("loss.corpus_listwise_weight needs A's embedding of each query: ingest with "
                          "--query-targets", file=None if dataset is None else dataset.location,
