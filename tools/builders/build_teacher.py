@@ -51,7 +51,7 @@ from esep_jax.data.encoders import DEFAULT_ENCODER, resolve_encoder_path  # noqa
 from esep_jax.data.ids import read_ids  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_finetune import LowerCache, Trainer, build_pairs, encode, log, make_batches, set_seeds  # noqa: E402
+from _teacher_finetune import LowerCache, Trainer, build_pairs, encode, log, make_batches, set_seeds  # noqa: E402
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
