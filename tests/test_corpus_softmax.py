@@ -59,11 +59,11 @@ def test_equals_plain_loss_and_gradient(chunk):
 def test_on_a_cpu_the_scan_chunk_shrinks_to_a_cache_sized_divisor():
     from esep_jax.objectives.corpus_softmax import CPU_MIN_CHUNK, CPU_TILE_BYTES, scan_chunk
 
-    assert scan_chunk(8192, 4096, "cpu") == CPU_TILE_BYTES // (4 * 4096) == 1024
-    assert scan_chunk(8192, 4096, "gpu") == 8192 and scan_chunk(8192, 16, "cpu") == 8192
+    assert scan_chunk(8192, 1024, "cpu") == CPU_TILE_BYTES // (4 * 1024) == 2048
+    assert scan_chunk(8192, 1024, "gpu") == 8192 and scan_chunk(8192, 16, "cpu") == 8192
     assert scan_chunk(8192, 1 << 20, "cpu") == CPU_MIN_CHUNK
-    assert scan_chunk(3000, 4096, "cpu") == 750 and 3000 % 750 == 0  # halving keeps it a divisor
-    # and the loss is unchanged when it does shrink: 4 * 2048 rows * 4096 > the tile, so 2048 rows per step
+    assert scan_chunk(3000, 4096, "cpu") == 375 and 3000 % 375 == 0  # halving keeps it a divisor
+    # and the loss is unchanged when it does shrink: 4 * 2048 rows * 4096 > the tile, so 1024 rows per step
     queries, corpus, ids, weights = _inputs(seed=3, batch=2048, docs=4096, dim=4)
     expected_loss, expected_grad = _reference(queries, corpus, ids, weights, 0.1)
     loss, grad = _blockwise(queries, corpus, ids, weights, 0.1, 4096)
@@ -163,25 +163,68 @@ def test_large_logits_stay_finite():
     assert np.isfinite(loss).all() and np.isfinite(grad).all()
 
 
-def test_scores_that_climb_past_the_lazy_shift_and_a_masked_first_chunk_are_exact():
-    """On a CPU the running sums keep their shift until a chunk's scores exceed it by `LAZY_RESCALE`: a corpus
-    whose scores climb chunk by chunk (each chunk's max 8 above the last, so some chunks rebase and some do
-    not), behind a first chunk that is entirely masked out, gives the plain loss and gradient."""
-    from esep_jax.objectives.corpus_softmax import LAZY_RESCALE
-
+def _climbing(sign=1.0):
+    """Queries at a low temperature over a corpus whose first chunk (5 rows, or all 60) is orthogonal to them
+    and whose later rows are aligned with them (sign 1: scores ~ +300 above the first chunk's max, whose terms
+    overflow float32) or against them behind a masked-out first chunk (sign −1: every score near −300, whose
+    terms underflow against a shift of 0)."""
     rng = np.random.default_rng(9)
-    direction = rng.normal(size=8)
-    direction /= np.linalg.norm(direction)
+    direction = np.zeros(8)
+    direction[7] = 1.0
     corpus = rng.normal(size=(60, 8)) * 0.05
-    corpus += np.repeat(np.arange(12) * 0.08, 5)[:, None] * direction  # 12 chunks of 5, climbing
-    queries = (direction + 0.1 * rng.normal(size=(6, 8))) * 1.0
-    mask = np.ones(60, bool)
-    mask[:5] = False
+    corpus[:5, 7] = 0.0
+    corpus[5:, 7] = 3.0
+    queries = (sign * direction + 0.1 * rng.normal(size=(6, 8))).astype(np.float32)
     ids = rng.integers(5, 60, size=(6, 3)).astype(np.int32)
-    weights = np.ones((6, 3), np.float32)
-    climb = np.diff([(corpus[i:i + 5] @ direction).max() / 0.01 for i in range(5, 60, 5)])
-    assert (climb < LAZY_RESCALE).all() and climb.sum() > 3 * LAZY_RESCALE  # both paths are taken
-    expected_loss, expected_grad = _reference(queries, corpus, ids, weights, 0.01, mask)
-    loss, grad = _blockwise(queries, corpus, ids, weights, 0.01, 5, mask)
-    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    mask = np.ones(60, bool)
+    if sign < 0:
+        mask[:5] = False
+    return queries, corpus.astype(np.float32), ids, np.ones((6, 3), np.float32), mask
+
+
+def test_the_shift_is_fixed_after_the_first_chunk_unless_sums_overflow_or_underflow(monkeypatch):
+    """The scan fixes each row's shift at its max over the first chunk; only blocks whose sums overflow (later
+    scores far above it) or underflow (a masked first chunk, every score far below 0) are rescanned with a
+    running max — alone when they are few. With the rescan replaced by NaNs, ordinary inputs — and the climbing
+    corpus scanned as one chunk — still give the plain loss (no rescan), the climbing corpora in chunks of 5
+    give NaN (rescan), and in a batch where 2 of 64 rows climb only those 2 are NaN; unpatched, every case is
+    exact."""
+    from esep_jax.objectives import corpus_softmax
+
+    ordinary = _inputs()
+    expected_ordinary = _reference(*ordinary, 0.07)
+    climbing = {sign: _climbing(sign) for sign in (1.0, -1.0)}
+    # 64 rows of which 2 climb (at most 1/RESCAN_FRACTION of them): only those 2 are rescanned.
+    queries, corpus, ids, weights, mask = _climbing(1.0)
+    rng = np.random.default_rng(4)
+    flat = (0.1 * rng.normal(size=(64, 8))).astype(np.float32)
+    flat[:, 7] = 0.0
+    flat[:2] = queries[:2]
+    mixed = (flat, corpus, rng.integers(5, 60, size=(64, 3)).astype(np.int32), np.ones((64, 3), np.float32), mask)
+    expected_mixed = _reference(*mixed[:4], 0.01, mask)
+    loss, grad = _blockwise(*mixed[:4], 0.01, 5, mask)
+    np.testing.assert_allclose(loss, expected_mixed[0], rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_mixed[1], rtol=1e-4, atol=1e-4)
+    expected = {sign: _reference(*case[:4], 0.01, case[4]) for sign, case in climbing.items()}
+    for sign, case in climbing.items():
+        for chunk in (5, 64):
+            loss, grad = _blockwise(*case[:4], 0.01, chunk, case[4])
+            np.testing.assert_allclose(loss, expected[sign][0], rtol=1e-5)
+            np.testing.assert_allclose(grad, expected[sign][1], rtol=1e-4, atol=1e-4)
+
+    def poisoned(queries, blocks, block_biases, live):
+        nan = jnp.full((queries.shape[0],), jnp.nan, jnp.float32)
+        return jax.lax.pcast((nan, nan, jnp.full((queries.shape[0], blocks.shape[2]), jnp.nan, jnp.float32)),
+                             ("data", "corpus"), to="varying")
+
+    monkeypatch.setattr(corpus_softmax, "_scan_rows_with_running_max", poisoned)
+    loss, grad = _blockwise(*ordinary, 0.07, 8)
+    np.testing.assert_allclose(loss, expected_ordinary[0], rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_ordinary[1], rtol=1e-5, atol=1e-6)
+    loss, _ = _blockwise(*climbing[1.0][:4], 0.01, 64, climbing[1.0][4])
+    np.testing.assert_allclose(loss, expected[1.0][0], rtol=1e-5)
+    for case in climbing.values():
+        assert np.isnan(_blockwise(*case[:4], 0.01, 5, case[4])[0]).all()
+    loss, _ = _blockwise(*mixed[:4], 0.01, 5, mask)
+    assert np.isnan(loss[:2]).all()
+    np.testing.assert_allclose(loss[2:], expected_mixed[0][2:], rtol=1e-5)

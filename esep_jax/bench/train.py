@@ -87,8 +87,12 @@ def _compiled_step(corpus_size: int, dim: int, batch: int, *, chunk: int, dtype:
     step = jax.jit(make_train_step(head, optimizer, schedule, config, mesh, build_terms(config)),
                    donate_argnums=(0,))
     sharding = NamedSharding(mesh, P("data"))
+    queries = rng.standard_normal((batch, dim), dtype=np.float32)
+    # Unit-norm like the corpus and like the embeddings the tool trains on (raw Gaussian queries of norm √d at
+    # τ = 0.03 spread logits over ±650, which no sentence encoder's do; docs/performance.md shows their cost).
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     batch_arrays = jax.device_put({
-        "queries": rng.standard_normal((batch, dim), dtype=np.float32),
+        "queries": queries,
         "positive_ids": rng.integers(0, corpus_size, (batch, 4)).astype(np.int32),
         "positive_weights": np.ones((batch, 4), np.float32)}, sharding)
     state = jax.device_put(fresh_state(), NamedSharding(mesh, P()))

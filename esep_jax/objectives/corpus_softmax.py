@@ -14,14 +14,16 @@ The corpus is frozen, so the only gradient needed is the one to `u`:
     ∂loss_i/∂u_i = ((1 + 2z·LSE_i) Σ_j p_ij c_j − Σ_p w_ip c_p) / τ,
 
 a softmax-weighted sum of corpus rows. Like flash attention with V = the corpus, one scan over corpus chunks keeps
-a running max, a running normaliser and the running weighted sum of rows, so the forward pass already holds the
+a running normaliser and the running weighted sum of rows, so the forward pass already holds the
 gradient and the custom VJP needs no second pass. Memory is O(B·chunk + N·d); no `[B, N]` matrix exists.
 
-On a CPU four things keep the scan in cache and in memory: the chunk shrinks so a `[rows, chunk]` score tile is
-about `CPU_TILE_BYTES` (`scan_chunk`), many rows (an ensemble's folded members) are scanned in row blocks so the
-running sums stay in cache (`row_block`), the running sums are rescaled only when the max has grown by
-`LAZY_RESCALE` (`_scan_rows`), and a bfloat16 corpus is placed as its raw bits and widened chunk by chunk
-(`packs_bfloat16`, `widen`), since XLA's CPU backend would otherwise convert the whole corpus up front.
+The scan needs no running max: each row's shift is fixed at its max over the first chunk (`_scan_rows`), so a
+chunk costs two matmuls, one exp and one sum; rows whose sums would overflow are scanned again with one. On a
+CPU three more things keep the scan in cache and in memory: the chunk shrinks so a `[rows, chunk]` score tile
+is about `CPU_TILE_BYTES` (`scan_chunk`), the rows (a batch, an ensemble's folded members) are scanned in row
+blocks so the running sums stay in cache (`row_block`), and a bfloat16 corpus is placed as its raw bits and
+read back chunk by chunk (`packs_bfloat16`, `matmul_rows`), since XLA's CPU backend would otherwise convert
+the whole corpus up front.
 
 Sharding: on a mesh with axes (data, corpus), queries are split over `data` and corpus rows over `corpus`. Each
 device scans its own rows; the partial (shift, normaliser, weighted sum) triples are combined across `corpus`
@@ -41,34 +43,61 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from esep_jax.objectives.targets import target_distribution
 
 DATA, CORPUS = "data", "corpus"
-# On a CPU the scan's [rows, chunk] score tile is passed over several times per chunk (bias, max, exp and sum,
-# then the second matmul). Kept within about this many bytes it stays in cache instead of streaming through
-# memory on every pass: at N = 100k, d = 384, B = 4,096 the step went from 0.73 to 0.75–0.85 of the matmul
-# peak and its working memory halved (`esep-jax bench train`, docs/performance.md). Accelerators keep the configured chunk (their tiles live in HBM either way, and
-# fewer, larger scan steps cost less loop overhead there).
-CPU_TILE_BYTES = 16 * 2**20
+# On a CPU the scan's [rows, chunk] score tile is passed over several times per chunk (the exp, the sum, the
+# second matmul), and the running weighted sum [rows, d] once more. Kept small — about CPU_TILE_BYTES for the
+# tile, at most CPU_ROW_BLOCK query rows per scan — they stay in cache instead of streaming through memory on
+# every pass. Measured in one process against other sizes (`esep-jax bench train`, docs/performance.md): at
+# N = 100k, B = 4,096 and at N = 1M, B = 8,192 (d = 384), 8 MiB and 1,024 rows beat 16 MiB and 4,096 rows by 3
+# and 4 %, and 4 or 2 MiB, or 512 rows, by 1–4 %. Accelerators keep the configured chunk and every row (their
+# tiles live in HBM either way, and fewer, larger scan steps cost less loop overhead there).
+CPU_TILE_BYTES = 8 * 2**20
 CPU_MIN_CHUNK = 256
-CPU_ROW_BLOCK = 4096
-LAZY_RESCALE = 20.0
+CPU_ROW_BLOCK = 1024
+# Terms below e^-87 flush to zero: `rows` of them stay under 2^-30 of a normaliser of at least rows·e^-66.
+UNDERFLOW_FLOOR = float(np.exp(-66.0))
+RESCAN_FRACTION = 32
 
 
 def packs_bfloat16(dtype, backend: str | None = None) -> bool:
     """Whether a corpus of `dtype` is placed as raw 16-bit patterns: bfloat16 on a CPU.
 
-    XLA's CPU backend has no bfloat16 dot. Given a bfloat16 corpus it converts the *whole* corpus to float32
-    ahead of the scan — the optimised HLO shows the loop carrying an f32 copy; an optimization_barrier, a
-    bit-level widening inside the body and slicing inside the body all still got it — twice the corpus in
-    memory, which is what made an 8.8M × 768 corpus not fit in 24 GiB. Placed as uint16, which XLA leaves
-    alone, each chunk is widened to float32 inside the scan (`widen`) and nothing corpus-sized is added."""
+    Given a bfloat16 corpus array, XLA's CPU backend converts the *whole* corpus to float32 ahead of the scan —
+    the optimised HLO shows the loop carrying an f32 copy; an optimization_barrier, a bit-level widening inside
+    the body and slicing inside the body all still got it — twice the corpus in memory, which is what made an
+    8.8M × 768 corpus not fit in 24 GiB. Placed as uint16, which XLA leaves alone, each chunk is turned back
+    into numbers inside the scan (`matmul_rows`) and nothing corpus-sized is added."""
     return np.dtype(dtype) == np.dtype(jnp.bfloat16) and (backend or jax.default_backend()) == "cpu"
 
 
 def widen(rows: jax.Array) -> jax.Array:
-    """Corpus rows ready for a matmul: packed bfloat16 bits (uint16) as float32 — a bfloat16's bits are the
-    high half of the float32 it stands for — and anything else unchanged."""
+    """Corpus rows as float32: packed bfloat16 bits (uint16) widened exactly — a bfloat16's bits are the high
+    half of the float32 it stands for — and anything else unchanged."""
     if rows.dtype != jnp.uint16:
         return rows
     return jax.lax.bitcast_convert_type(rows.astype(jnp.uint32) << 16, jnp.float32)
+
+
+@functools.cache
+def native_bfloat16_dots() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read
+    from /proc/cpuinfo; False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(cpuinfo.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def matmul_rows(rows: jax.Array) -> jax.Array:
+    """Corpus rows as the scan's matmul operand. Packed bfloat16 bits (a bfloat16 corpus on a CPU) become
+    bfloat16 again where the CPU multiplies bfloat16 natively — the queries and probabilities are then cast to
+    bfloat16 too, exactly as on an accelerator, with float32 sums; the step at N = 100k, B = 4,096 ran 1.5×
+    faster than on widened rows (`esep-jax bench train --dtype bfloat16`) in the same memory — and are widened
+    to float32 elsewhere (`widen`). Anything else is unchanged."""
+    if rows.dtype == jnp.uint16 and native_bfloat16_dots():
+        return jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
+    return widen(rows)
 
 
 def make_data_corpus_mesh(corpus_shards: int = 1, devices=None) -> Mesh:
@@ -145,19 +174,23 @@ class ShardedCorpus:
 
 
 def scan_local_corpus(queries, corpus, bias, chunk):
-    """One device: (shift [B], normaliser [B], weighted row sum [B, d]) over its corpus rows (`_scan_rows`).
+    """One device: (shift [B], normaliser [B], weighted row sum [B, d]) over its corpus rows (`_scan_rows`):
+    normaliser = Σ_j exp(s_j − shift), weighted sum = Σ_j exp(s_j − shift) c_j, for any shift of a row (the
+    devices' triples are combined relative to the largest).
 
-    On a CPU many rows (an ensemble's folded members) are scanned in row blocks of at most `CPU_ROW_BLOCK`,
-    each over the whole corpus: the running weighted sum `[rows, d]` is rescaled and accumulated at every
+    On a CPU the rows (a batch, or an ensemble's folded members) are scanned in row blocks of at most
+    `CPU_ROW_BLOCK`, each over the whole corpus: the running weighted sum `[rows, d]` is accumulated at every
     chunk, and for 16,384 rows it is 25 MB — streamed through memory hundreds of times per step — where a
     block's stays in cache. Re-reading the corpus per block costs less than that stream."""
     rows = queries.shape[0]
+    chunk = min(chunk, corpus.shape[0])  # ShardedCorpus pads to a multiple
     block = row_block(rows)
     if block == rows:
         return _scan_rows(queries, corpus, bias, chunk)
-    parts = jax.lax.map(lambda q: _scan_rows(q, corpus, bias, chunk), queries.reshape(rows // block, block, -1))
-    running_max, normaliser, weighted_sum = parts
-    return running_max.reshape(rows), normaliser.reshape(rows), weighted_sum.reshape(rows, -1)
+    parts = jax.lax.map(lambda q: _scan_rows(q, corpus, bias, chunk),
+                        queries.reshape(rows // block, block, -1))
+    shift, normaliser, weighted_sum = parts
+    return shift.reshape(rows), normaliser.reshape(rows), weighted_sum.reshape(rows, -1)
 
 
 def row_block(rows: int, backend: str | None = None) -> int:
@@ -171,53 +204,93 @@ def row_block(rows: int, backend: str | None = None) -> int:
 
 
 def _scan_rows(queries, corpus, bias, chunk):
-    """(shift [B], normaliser [B], weighted row sum [B, d]) of one row block over this device's corpus rows:
-    normaliser = Σ_j exp(s_j − shift), weighted sum = Σ_j exp(s_j − shift) c_j. The shift is the max score off
-    a CPU; on a CPU it lies at most `LAZY_RESCALE` below the max (lazy rescaling, below)."""
-    chunk = scan_chunk(min(chunk, corpus.shape[0]), queries.shape[0])  # ShardedCorpus pads to a multiple
+    """(shift, normaliser, weighted row sum) of one row block over this device's corpus rows.
+
+    The shift is fixed after the first chunk, at each row's max score in it, so no running max is needed: each
+    further chunk is one matmul, one fused exp, one sum and one matmul — the max pass over the score tile and
+    rescaling the running sums when the max grows are gone (the step ran ~5 % faster on a CPU,
+    docs/performance.md). Later scores above the shift are fine up to e^88 (a max usually grows by a few units
+    over a corpus, not by 88), and every row keeps its first max's term of 1, so nothing that matters can
+    underflow. Exactness is checked, not assumed: rows whose sums overflowed, or (their first chunk masked out,
+    shift = the largest logit bias) underflowed, are scanned again the classic way, with a running max
+    (`_scan_rows_with_running_max`) — on their own when they are at most 1/`RESCAN_FRACTION` of the block (with
+    unit-norm embeddings none are: a row's max would have to grow by 88 after its first chunk), else the
+    whole block."""
+    chunk = scan_chunk(chunk, queries.shape[0])
     num_chunks = corpus.shape[0] // chunk
     blocks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
     block_biases = bias.reshape(num_chunks, chunk)
-    lazy = jax.default_backend() == "cpu"
 
-    def body(carry, block_and_bias):
+    def scores_of(index):
+        block = matmul_rows(blocks[index])
+        scores = jnp.einsum("bd,nd->bn", queries.astype(block.dtype), block, preferred_element_type=jnp.float32)
+        return block, scores + block_biases[index][None, :]
+
+    def accumulate(normaliser, weighted_sum, block, scores):
+        probabilities = jnp.exp(scores - shift[:, None])
+        product = jnp.einsum("bn,nd->bd", probabilities.astype(block.dtype), block,
+                             preferred_element_type=jnp.float32)
+        return normaliser + probabilities.sum(axis=1), weighted_sum + product
+
+    bias_max = jnp.max(jnp.where(jnp.isfinite(bias), bias, -jnp.inf))  # −inf: nothing here is contrasted
+    live = _live_chunks(block_biases)
+    first_block, first_scores = scores_of(0)
+    first_max = first_scores.max(axis=1)
+    shift = jnp.where(jnp.isfinite(first_max), first_max, jnp.where(jnp.isfinite(bias_max), bias_max, 0.0))
+    batch = queries.shape[0]
+    zeros = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, corpus.shape[1]), jnp.float32))
+    # Inside shard_map the sums differ per device (they depend on both the queries and the corpus shard).
+    first = accumulate(*jax.lax.pcast(zeros, (DATA, CORPUS), to="varying"), first_block, first_scores)
+    normaliser, weighted_sum = jax.lax.fori_loop(
+        1, live, lambda index, sums: accumulate(*sums, *scores_of(index)), first)
+    lost = jnp.isfinite(bias_max) & ~(jnp.isfinite(weighted_sum).all(axis=1)
+                                      & (normaliser >= corpus.shape[0] * UNDERFLOW_FLOOR)
+                                      & (normaliser < jnp.inf))
+    shift = jnp.where(jnp.isfinite(bias_max), shift, -jnp.inf)
+    sums = (shift, normaliser, weighted_sum)
+    few = max(1, batch // RESCAN_FRACTION)
+
+    def rescan_the_lost_rows():
+        # A fixed number of rows, so the shapes are static; the padding repeats a lost row (same values).
+        rows = jnp.nonzero(lost, size=few, fill_value=jnp.argmax(lost))[0]
+        exact = _scan_rows_with_running_max(queries[rows], blocks, block_biases, live)
+        return tuple(total.at[rows].set(part) for total, part in zip(sums, exact))
+
+    count = jnp.sum(lost)
+    return jax.lax.switch((count > 0).astype(jnp.int32) + (count > few).astype(jnp.int32), [
+        lambda: sums, rescan_the_lost_rows, lambda: _scan_rows_with_running_max(queries, blocks, block_biases, live)])
+
+
+def _live_chunks(block_biases):
+    """Chunks up to the last one holding a contrasted row: the padding after it (up to a configured chunk of
+    rows — 6 % of the work at N = 100,000 with chunk 8,192 scanned in CPU chunks of 1,024) is not scanned."""
+    contrasted = jnp.isfinite(block_biases).any(axis=1)
+    return jnp.max(jnp.where(contrasted, jnp.arange(1, block_biases.shape[0] + 1), 0))
+
+
+def _scan_rows_with_running_max(queries, blocks, block_biases, live):
+    """The classic online softmax over the first `live` chunks: the shift is the running max, and the sums are
+    rescaled whenever it grows."""
+
+    def body(index, carry):
         shift, normaliser, weighted_sum = carry
-        block, block_bias = block_and_bias
-        block = widen(block)
-        matmul_dtype = block.dtype
-        scores = jnp.einsum("bd,nd->bn", queries.astype(matmul_dtype), block,
+        block, block_bias = matmul_rows(blocks[index]), block_biases[index]
+        scores = jnp.einsum("bd,nd->bn", queries.astype(block.dtype), block,
                             preferred_element_type=jnp.float32) + block_bias[None, :]
-        chunk_max = scores.max(axis=1)
-
-        def accumulate(new_shift, rescale):
-            safe = jnp.where(jnp.isfinite(new_shift), new_shift, 0.0)  # no real rows yet: every term is 0
-            probabilities = jnp.exp(scores - safe[:, None])
-            product = jnp.einsum("bn,nd->bd", probabilities.astype(matmul_dtype), block,
-                                 preferred_element_type=jnp.float32)
-            if rescale is None:
-                return new_shift, normaliser + probabilities.sum(axis=1), weighted_sum + product
-            return new_shift, normaliser * rescale + probabilities.sum(axis=1), weighted_sum * rescale[:, None] + product
-
-        def rebase(_):
-            new_shift = jnp.maximum(shift, chunk_max)
-            return accumulate(new_shift, jnp.exp(shift - jnp.where(jnp.isfinite(new_shift), new_shift, 0.0)))
-
-        if not lazy:
-            return rebase(None), None
-        # Lazy rescaling: keep the shift while no score exceeds it by more than LAZY_RESCALE (exp stays below
-        # e^20, far from overflow), so most chunks skip rescaling the [rows, d] running sum — a pass through
-        # memory per chunk, ~5 % of the CPU step at N = 100k, B = 4,096. The result is the same sums relative
-        # to a different shift: exact. A branch per chunk is cheap on a CPU; accelerators rescale every chunk.
-        needs_rebase = jnp.any(chunk_max > shift + LAZY_RESCALE)
-        return jax.lax.cond(needs_rebase, rebase, lambda _: accumulate(shift, None), None), None
+        new_shift = jnp.maximum(shift, scores.max(axis=1))
+        safe = jnp.where(jnp.isfinite(new_shift), new_shift, 0.0)  # no real rows yet: every term is 0
+        rescale = jnp.exp(shift - safe)
+        probabilities = jnp.exp(scores - safe[:, None])
+        product = jnp.einsum("bn,nd->bd", probabilities.astype(block.dtype), block,
+                             preferred_element_type=jnp.float32)
+        return (new_shift, normaliser * rescale + probabilities.sum(axis=1),
+                weighted_sum * rescale[:, None] + product)
 
     batch = queries.shape[0]
     init = (jnp.full((batch,), -jnp.inf, jnp.float32), jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch, corpus.shape[1]), jnp.float32))
-    # Inside shard_map the carry differs per device (it depends on both the queries and the corpus shard).
+            jnp.zeros((batch, blocks.shape[2]), jnp.float32))
     init = jax.lax.pcast(init, (DATA, CORPUS), to="varying")
-    (shift, normaliser, weighted_sum), _ = jax.lax.scan(body, init, (blocks, block_biases))
-    return shift, normaliser, weighted_sum
+    return jax.lax.fori_loop(0, live, body, init)
 
 
 def scan_chunk(chunk: int, rows: int, backend: str | None = None) -> int:
