@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -129,6 +131,26 @@ def test_every_run_writes_tensorboard_events_and_training_curves(synthetic_datas
             if tag.startswith("dev/member") and tag.count("/") == 2 and tag.endswith("/ndcg_10")
             } == pytest.approx(dev)  # TensorBoard tags write "@" as "_"
     assert (workdir / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_event_files_are_written_without_importing_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed (a second of start-up); the run's writer refuses
+    that one import and lets torch be imported normally afterwards."""
+    code = f"""
+import importlib.util, sys
+from pathlib import Path
+from esep_jax.training.metrics_log import MetricsLog
+log = MetricsLog(Path({str(tmp_path)!r}) / "metrics.jsonl", events=Path({str(tmp_path)!r}) / "events")
+log.write(3, "train", {{"loss": 1.5}})
+log.close()
+assert "torch" not in sys.modules
+if importlib.util.find_spec("torch") is not None:
+    import torch
+    assert torch.zeros(2).sum().item() == 0.0
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert ("train/loss", 3, 1.5) in _read_events(tmp_path / "events")
 
 
 @pytest.mark.parametrize("loss", ["full_corpus", "in_batch"])

@@ -241,6 +241,10 @@ def _scan_rows(queries, corpus, bias, chunk):
     zeros = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, corpus.shape[1]), jnp.float32))
     # Inside shard_map the sums differ per device (they depend on both the queries and the corpus shard).
     first = accumulate(*jax.lax.pcast(zeros, (DATA, CORPUS), to="varying"), first_block, first_scores)
+    if num_chunks == 1:
+        # The shift is every row's max over all of this device's rows: terms are at most 1 and the max's is 1,
+        # so nothing can overflow or underflow — and small corpora compile no loop and no rescan.
+        return jnp.where(jnp.isfinite(bias_max), shift, -jnp.inf), *first
     normaliser, weighted_sum = jax.lax.fori_loop(
         1, live, lambda index, sums: accumulate(*sums, *scores_of(index)), first)
     lost = jnp.isfinite(bias_max) & ~(jnp.isfinite(weighted_sum).all(axis=1)

@@ -20,6 +20,22 @@ from esep_jax.atomic import atomic_write_text
 from esep_jax.errors import storage_errors
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever it is
+    installed, only to accept torch tensors (esep-jax logs floats): 1.0 s of a 10 s demo run here. Unless
+    torch is already loaded, its import is refused for that one import and allowed again after it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` now raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """Append-only JSON-lines metrics, rewound on resume."""
 
@@ -48,9 +64,7 @@ class MetricsLog:
                 atomic_write_text(self.path, "".join(line + "\n" for line in kept))
             self._handle = self.path.open("a", encoding="utf-8")
             if events is not None:
-                from tensorboardX import SummaryWriter
-
-                self._events = SummaryWriter(str(events), purge_step=resume_step + 1 if resume_step else None,
+                self._events = _summary_writer_class()(str(events), purge_step=resume_step + 1 if resume_step else None,
                                              flush_secs=30)
 
     def count(self, step: int, kind: str) -> int:
