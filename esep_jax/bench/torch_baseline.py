@@ -27,7 +27,7 @@ def _step_seconds(corpus_size: int, dim: int, batch: int, steps: int, variant: s
 
     torch.manual_seed(0)
     corpus = F.normalize(torch.randn(corpus_size, dim), dim=1)
-    queries = F.normalize(torch.randn(batch, dim), dim=1)  # unit-norm, like the JAX step's (speed does not depend on it)
+    queries = F.normalize(torch.randn(batch, dim), dim=1)  # unit-norm like the JAX step's; speed is the same
     head = torch.nn.Linear(dim, dim)
     positive_ids = torch.randint(0, corpus_size, (batch, 4))
     weights = torch.full((batch, 4), 0.25)

@@ -208,14 +208,14 @@ def _scan_rows(queries, corpus, bias, chunk):
 
     The shift is fixed after the first chunk, at each row's max score in it, so no running max is needed: each
     further chunk is one matmul, one fused exp, one sum and one matmul — the max pass over the score tile and
-    rescaling the running sums when the max grows are gone (the CPU step at N = 100k, B = 4,096 ran 7 % faster,
-    timed in one process: docs/performance.md). Later scores above the shift are fine up to e^88 (a max usually grows by a few units
-    over a corpus, not by 88), and every row keeps its first max's term of 1, so nothing that matters can
-    underflow. Exactness is checked, not assumed: rows whose sums overflowed, or (their first chunk masked out,
-    shift = the largest logit bias) underflowed, are scanned again the classic way, with a running max
-    (`_scan_rows_with_running_max`) — on their own when they are at most 1/`RESCAN_FRACTION` of the block (with
-    unit-norm embeddings none are: a row's max would have to grow by 88 after its first chunk), else the
-    whole block."""
+    rescaling the running sums when the max grows are gone (the CPU step at N = 100k, B = 4,096 ran 7 %
+    faster, timed in one process: docs/performance.md). Later scores above the shift are fine up to e^88 (a max
+    usually grows by a few units over a corpus, not by 88), and every row keeps its first max's term of 1, so
+    nothing that matters can underflow. Exactness is checked, not assumed: rows whose sums overflowed, or (their
+    first chunk masked out, shift = the largest logit bias) underflowed, are scanned again the classic way, with
+    a running max (`_scan_rows_with_running_max`) — on their own when they are at most 1/`RESCAN_FRACTION` of
+    the block (with unit-norm embeddings none are: a row's max would have to grow by 88 after its first chunk),
+    else the whole block."""
     chunk = scan_chunk(chunk, queries.shape[0])
     num_chunks = corpus.shape[0] // chunk
     blocks = corpus.reshape(num_chunks, chunk, corpus.shape[1])

@@ -64,8 +64,8 @@ class MetricsLog:
                 atomic_write_text(self.path, "".join(line + "\n" for line in kept))
             self._handle = self.path.open("a", encoding="utf-8")
             if events is not None:
-                self._events = _summary_writer_class()(str(events), purge_step=resume_step + 1 if resume_step else None,
-                                             flush_secs=30)
+                self._events = _summary_writer_class()(
+                    str(events), purge_step=resume_step + 1 if resume_step else None, flush_secs=30)
 
     def count(self, step: int, kind: str) -> int:
         """How many kept records of `kind` the log holds for `step`."""
