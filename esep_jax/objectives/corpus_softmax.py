@@ -46,10 +46,11 @@ DATA, CORPUS = "data", "corpus"
 # On a CPU the scan's [rows, chunk] score tile is passed over several times per chunk (the exp, the sum, the
 # second matmul), and the running weighted sum [rows, d] once more. Kept small — about CPU_TILE_BYTES for the
 # tile, at most CPU_ROW_BLOCK query rows per scan — they stay in cache instead of streaming through memory on
-# every pass. Measured in one process against other sizes (`esep-jax bench train`, docs/performance.md): at
-# N = 100k, B = 4,096 and at N = 1M, B = 8,192 (d = 384), 8 MiB and 1,024 rows beat 16 MiB and 4,096 rows by 3
-# and 4 %, and 4 or 2 MiB, or 512 rows, by 1–4 %. Accelerators keep the configured chunk and every row (their
-# tiles live in HBM either way, and fewer, larger scan steps cost less loop overhead there).
+# every pass. Timed in alternation in one process against other sizes (d = 384, docs/performance.md): at
+# N = 1M, B = 8,192, 8 MiB and 1,024 rows beat 16 MiB and 4,096 rows by 5 % and 4 MiB and 1,024 rows by 6 %; at
+# N = 100k, B = 4,096, 1,024-row blocks beat 4,096 by 3–5 %, 8 and 4 MiB tie, and 2 MiB or 512 rows lose 2–3.5 %.
+# Accelerators keep the configured chunk and every row (their tiles live in HBM either way, and fewer, larger
+# scan steps cost less loop overhead there).
 CPU_TILE_BYTES = 8 * 2**20
 CPU_MIN_CHUNK = 256
 CPU_ROW_BLOCK = 1024
@@ -221,22 +222,15 @@ def _scan_rows(queries, corpus, bias, chunk):
     blocks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
     block_biases = bias.reshape(num_chunks, chunk)
 
-    def scores_of(index):
-        block = matmul_rows(blocks[index])
-        scores = jnp.einsum("bd,nd->bn", queries.astype(block.dtype), block, preferred_element_type=jnp.float32)
-        return block, scores + block_biases[index][None, :]
-
     def accumulate(normaliser, weighted_sum, block, scores):
         probabilities = jnp.exp(scores - shift[:, None])
-        product = jnp.einsum("bn,nd->bd", probabilities.astype(block.dtype), block,
-                             preferred_element_type=jnp.float32)
-        return normaliser + probabilities.sum(axis=1), weighted_sum + product
+        return normaliser + probabilities.sum(axis=1), weighted_sum + _weighted_rows(probabilities, block)
 
     bias_max = jnp.max(jnp.where(jnp.isfinite(bias), bias, -jnp.inf))  # −inf: nothing here is contrasted
-    live = _live_chunks(block_biases)
-    first_block, first_scores = scores_of(0)
+    first_block, first_scores = _chunk_scores(queries, blocks, block_biases, 0)
     first_max = first_scores.max(axis=1)
     shift = jnp.where(jnp.isfinite(first_max), first_max, jnp.where(jnp.isfinite(bias_max), bias_max, 0.0))
+    reported_shift = jnp.where(jnp.isfinite(bias_max), shift, -jnp.inf)  # no contrasted rows: combined as 0
     batch = queries.shape[0]
     zeros = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, corpus.shape[1]), jnp.float32))
     # Inside shard_map the sums differ per device (they depend on both the queries and the corpus shard).
@@ -244,14 +238,14 @@ def _scan_rows(queries, corpus, bias, chunk):
     if num_chunks == 1:
         # The shift is every row's max over all of this device's rows: terms are at most 1 and the max's is 1,
         # so nothing can overflow or underflow — and small corpora compile no loop and no rescan.
-        return jnp.where(jnp.isfinite(bias_max), shift, -jnp.inf), *first
+        return reported_shift, *first
+    live = _live_chunks(block_biases)
     normaliser, weighted_sum = jax.lax.fori_loop(
-        1, live, lambda index, sums: accumulate(*sums, *scores_of(index)), first)
+        1, live, lambda index, sums: accumulate(*sums, *_chunk_scores(queries, blocks, block_biases, index)), first)
     lost = jnp.isfinite(bias_max) & ~(jnp.isfinite(weighted_sum).all(axis=1)
                                       & (normaliser >= corpus.shape[0] * UNDERFLOW_FLOOR)
                                       & (normaliser < jnp.inf))
-    shift = jnp.where(jnp.isfinite(bias_max), shift, -jnp.inf)
-    sums = (shift, normaliser, weighted_sum)
+    sums = (reported_shift, normaliser, weighted_sum)
     few = max(1, batch // RESCAN_FRACTION)
 
     def rescan_the_lost_rows():
@@ -263,6 +257,18 @@ def _scan_rows(queries, corpus, bias, chunk):
     count = jnp.sum(lost)
     return jax.lax.switch((count > 0).astype(jnp.int32) + (count > few).astype(jnp.int32), [
         lambda: sums, rescan_the_lost_rows, lambda: _scan_rows_with_running_max(queries, blocks, block_biases, live)])
+
+
+def _chunk_scores(queries, blocks, block_biases, index):
+    """(chunk `index` as a matmul operand, the queries' scores against it plus its logit biases `[B, chunk]`)."""
+    block = matmul_rows(blocks[index])
+    scores = jnp.einsum("bd,nd->bn", queries.astype(block.dtype), block, preferred_element_type=jnp.float32)
+    return block, scores + block_biases[index][None, :]
+
+
+def _weighted_rows(probabilities, block):
+    """Σ_j p_bj c_j over one chunk `[B, d]`, in the chunk's matmul dtype with float32 sums."""
+    return jnp.einsum("bn,nd->bd", probabilities.astype(block.dtype), block, preferred_element_type=jnp.float32)
 
 
 def _live_chunks(block_biases):
@@ -278,17 +284,13 @@ def _scan_rows_with_running_max(queries, blocks, block_biases, live):
 
     def body(index, carry):
         shift, normaliser, weighted_sum = carry
-        block, block_bias = matmul_rows(blocks[index]), block_biases[index]
-        scores = jnp.einsum("bd,nd->bn", queries.astype(block.dtype), block,
-                            preferred_element_type=jnp.float32) + block_bias[None, :]
+        block, scores = _chunk_scores(queries, blocks, block_biases, index)
         new_shift = jnp.maximum(shift, scores.max(axis=1))
         safe = jnp.where(jnp.isfinite(new_shift), new_shift, 0.0)  # no real rows yet: every term is 0
         rescale = jnp.exp(shift - safe)
         probabilities = jnp.exp(scores - safe[:, None])
-        product = jnp.einsum("bn,nd->bd", probabilities.astype(block.dtype), block,
-                             preferred_element_type=jnp.float32)
         return (new_shift, normaliser * rescale + probabilities.sum(axis=1),
-                weighted_sum * rescale[:, None] + product)
+                weighted_sum * rescale[:, None] + _weighted_rows(probabilities, block))
 
     batch = queries.shape[0]
     init = (jnp.full((batch,), -jnp.inf, jnp.float32), jnp.zeros((batch,), jnp.float32),
