@@ -126,7 +126,15 @@ def test_mask_and_z_loss():
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_corpus_accumulates_in_float32():
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_corpus_accumulates_in_float32(monkeypatch, native):
+    """Both ways a CPU multiplies a bfloat16 corpus placed as bits: as bfloat16 (bf16 dot instructions) or
+    widened to float32."""
+    from esep_jax.objectives import corpus_softmax
+
+    monkeypatch.setattr(corpus_softmax, "native_bfloat16_dots", lambda: native)
+    block = corpus_softmax.matmul_rows(jnp.zeros((4, 8), jnp.uint16))
+    assert block.dtype == (jnp.bfloat16 if native else jnp.float32)
     queries, corpus, ids, weights = _inputs(seed=2, docs=200, dim=32)
     # The reference sees the same bfloat16-rounded corpus; what remains is bf16 matmul inputs with f32 sums.
     rounded = np.asarray(jnp.asarray(corpus, jnp.bfloat16).astype(jnp.float32))
@@ -136,12 +144,16 @@ def test_bfloat16_corpus_accumulates_in_float32():
     assert np.linalg.norm(grad - expected_grad) / np.linalg.norm(expected_grad) < 2e-2
 
 
-def test_a_bfloat16_corpus_on_a_cpu_is_placed_as_its_bits_and_never_widened_whole():
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bfloat16_corpus_on_a_cpu_is_placed_as_its_bits_and_never_widened_whole(monkeypatch, native):
     """XLA's CPU backend would convert a whole bfloat16 corpus to float32 ahead of the scan; placed as uint16
-    bit patterns, chunks are widened inside the scan (exactly: the bits are the float32's high half), so the
-    compiled step's scratch memory is far below even one float32 copy of the corpus."""
+    bit patterns, chunks are read back inside the scan — as bfloat16, or widened exactly (the bits are the
+    float32's high half) — so either way the compiled step's scratch memory is far below even one float32 copy
+    of the corpus."""
+    from esep_jax.objectives import corpus_softmax
     from esep_jax.objectives.corpus_softmax import widen
 
+    monkeypatch.setattr(corpus_softmax, "native_bfloat16_dots", lambda: native)
     values = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.bfloat16)
     np.testing.assert_array_equal(widen(jax.lax.bitcast_convert_type(values, jnp.uint16)), values.astype(jnp.float32))
     mesh = make_data_corpus_mesh(1)
