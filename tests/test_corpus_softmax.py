@@ -63,7 +63,8 @@ def test_on_a_cpu_the_scan_chunk_shrinks_to_a_cache_sized_divisor():
     assert scan_chunk(8192, 1024, "gpu") == 8192 and scan_chunk(8192, 16, "cpu") == 8192
     assert scan_chunk(8192, 1 << 20, "cpu") == CPU_MIN_CHUNK
     assert scan_chunk(3000, 4096, "cpu") == 375 and 3000 % 375 == 0  # halving keeps it a divisor
-    # and the loss is unchanged when it does shrink: 4 * 2048 rows * 4096 > the tile, so 1024 rows per step
+    # and the loss is unchanged when it does shrink: 2,048 rows are scanned in row blocks of 1,024, and
+    # 4 bytes * 1,024 rows * 4,096 > the tile, so the chunk halves to 2,048 corpus rows
     queries, corpus, ids, weights = _inputs(seed=3, batch=2048, docs=4096, dim=4)
     expected_loss, expected_grad = _reference(queries, corpus, ids, weights, 0.1)
     loss, grad = _blockwise(queries, corpus, ids, weights, 0.1, 4096)
